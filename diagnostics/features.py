@@ -1,0 +1,238 @@
+"""Per-feature statistics on plain tensors: classes, encoder/decoder geometry, logit weights, the
+geometry of the rare cluster, and a fresh density measurement on cached activations.
+
+Everything here takes tensors (W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], counts)
+so it can be tested on planted values; `diagnostics/report.py` wires it to a run dir.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+CLASSES = ("dead", "ultra_rare", "live")
+DEAD, ULTRA_RARE, LIVE = 0, 1, 2
+RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
+# (site, is-last-layer) pairs whose direct path to the logits is their only path.
+_EXACT_SITES = ("resid_post", "mlp_out", "mlp_post")
+
+
+def classify(
+    counts: Tensor, tokens: int, dead_threshold: float = 0.0, ultra_rare_threshold: float = 1e-6
+) -> Tensor:
+    """Class per feature (DEAD / ULTRA_RARE / LIVE) from firing counts over `tokens` tokens.
+
+    dead: density <= dead_threshold (0: zero firings); ultra-rare: above that and below
+    ultra_rare_threshold; live: the rest.
+    """
+    density = counts.double() / tokens
+    cls = torch.full(counts.shape, LIVE, dtype=torch.int64)
+    cls[density < ultra_rare_threshold] = ULTRA_RARE
+    cls[density <= dead_threshold] = DEAD
+    return cls
+
+
+class FeatureGeometry(NamedTuple):
+    encoder_bias: Tensor  # [F]
+    de_projection: Tensor  # [F] unit decoder vector . encoder vector
+    enc_dec_cosine: Tensor  # [F]
+    decoder_norm: Tensor  # [F]
+
+
+def feature_geometry(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor) -> FeatureGeometry:
+    enc = W_enc.T.float()
+    dec_norm = W_dec.float().norm(dim=1)
+    dec_unit = W_dec.float() / dec_norm.clamp_min(1e-12)[:, None]
+    de = (dec_unit * enc).sum(1)
+    cos = de / enc.norm(dim=1).clamp_min(1e-12)
+    return FeatureGeometry(b_enc.float(), de, cos, dec_norm)
+
+
+def rare_cluster_geometry(
+    W_enc: Tensor, W_dec: Tensor, classes: Tensor, neuron_basis: bool
+) -> dict:
+    """Do ultra-rare features share one encoder direction? Per class: the mean cosine of the
+    (unit) encoder vectors to their normalised mean direction (1 = all identical, ~0 = spread).
+    For `mlp_post` runs (neuron_basis) also the decoder sparsity in the neuron basis: the L1/L2
+    ratio divided by sqrt(d_in) (1 = dense, 1/sqrt(d_in) = one neuron) and the fraction of squared
+    norm in the top 10 neurons. Values are None for a class with fewer than 2 features."""
+    out: dict = {}
+    enc = W_enc.T.float()
+    enc = enc / enc.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    for c, name in enumerate(CLASSES):
+        sel = classes == c
+        n = int(sel.sum())
+        row: dict = {"n": n, "encoder_mean_cosine_to_mean_direction": None}
+        if n >= 2:
+            e = enc[sel]
+            mean_dir = e.mean(0)
+            mean_dir = mean_dir / mean_dir.norm().clamp_min(1e-12)
+            row["encoder_mean_cosine_to_mean_direction"] = float((e @ mean_dir).mean())
+        if neuron_basis:
+            row["decoder_l1_l2_ratio_over_sqrt_d"] = None
+            row["decoder_top10_neuron_mass"] = None
+            if n >= 2:
+                d = W_dec[sel].float()
+                l2 = d.norm(dim=1).clamp_min(1e-12)
+                ratio = d.abs().sum(1) / l2 / d.shape[1] ** 0.5
+                sq = d.pow(2)
+                top = sq.topk(min(10, d.shape[1]), dim=1).values.sum(1) / sq.sum(1).clamp_min(1e-24)
+                row["decoder_l1_l2_ratio_over_sqrt_d"] = float(ratio.mean())
+                row["decoder_top10_neuron_mass"] = float(top.mean())
+        out[name] = row
+    return out
+
+
+def logit_site(site: str | None, hook_name: str, d_in: int, model) -> str | None:
+    """Which logit-weight recipe applies: "mlp_post", "residual", "logits", or None (unknown)."""
+    if site == "mlp_out_logits":
+        return "logits"
+    if site == "mlp_post" or (site is None and hook_name.endswith("mlp.hook_post")):
+        return "mlp_post"
+    if site in RESIDUAL_SITES or (site is None and d_in == model.cfg.d_model):
+        return "residual"
+    return None
+
+
+def direct_path_caveat(model, site: str | None, layer: int | None) -> str | None:
+    """A sentence when the logit weights are the direct path only (None when exact)."""
+    last = model.cfg.n_layers - 1
+    if site == "mlp_out_logits" or (site in _EXACT_SITES and layer == last):
+        return None
+    return (
+        f"Site {site} at layer {layer} comes before the end of the last layer ({last}): logit "
+        "weights are the direct path only (through ln_final's linear approximation and W_U), "
+        "ignoring every later layer's effect."
+    )
+
+
+def ln_final_scale(model, tokens: Tensor) -> float:
+    """ln_final's typical scale: mean of ln_final.hook_scale over the non-BOS positions of
+    `tokens` [batch, pos]. None-normalised models return 1."""
+    if not hasattr(model, "ln_final") or not hasattr(model.ln_final, "hook_scale"):
+        return 1.0
+    scales: list[Tensor] = []
+    with torch.no_grad():
+        model.run_with_hooks(
+            tokens.to(model.cfg.device),
+            fwd_hooks=[("ln_final.hook_scale", lambda s, hook: scales.append(s[:, 1:].flatten()))],
+        )
+    return float(torch.cat(scales).float().mean())
+
+
+def logit_weights(W_dec: Tensor, model, recipe: str, layer: int | None, scale: float) -> Tensor:
+    """Logit weights [F, d_vocab] of decoder rows W_dec [F, d_in], each row shifted to median 0.
+
+    mlp_post: W_dec @ W_out[layer] first; then ln_final's linear approximation (centre over
+    d_model for LayerNorm, divide by `scale`, multiply by ln_final.w) and W_U. "logits": the rows
+    are already logit directions.
+    """
+    v = W_dec.to(model.W_U.device, model.W_U.dtype)
+    if recipe == "logits":
+        logits = v
+    else:
+        if recipe == "mlp_post":
+            v = v @ model.blocks[layer].mlp.W_out
+        if model.cfg.normalization_type in ("LN", "LNPre"):
+            v = v - v.mean(-1, keepdim=True)
+        if model.cfg.normalization_type is not None:
+            v = v / scale
+        w = getattr(model.ln_final, "w", None)
+        if isinstance(w, Tensor):
+            v = v * w
+        logits = v @ model.W_U
+    return logits - logits.median(-1, keepdim=True).values
+
+
+class TopLogits(NamedTuple):
+    top_ids: Tensor  # [F, k] highest logit weights first
+    top_values: Tensor  # [F, k]
+    bottom_ids: Tensor  # [F, k] lowest first
+    bottom_values: Tensor  # [F, k]
+
+
+@torch.no_grad()
+def top_logit_tokens(
+    W_dec: Tensor, model, recipe: str, layer: int | None, scale: float, k: int = 10
+) -> TopLogits:
+    """Top and bottom k logit tokens of every feature, in chunks so F x d_vocab never lives in
+    memory at once (16k features x 50k tokens would be 3 GB)."""
+    d_vocab = model.cfg.d_vocab if recipe != "logits" else W_dec.shape[1]
+    chunk = max(1, (1 << 24) // d_vocab)
+    parts: list[tuple[Tensor, ...]] = []
+    for i in range(0, W_dec.shape[0], chunk):
+        lw = logit_weights(W_dec[i : i + chunk], model, recipe, layer, scale)
+        top = lw.topk(k, dim=1)
+        bot = lw.topk(k, dim=1, largest=False)
+        parts.append((top.indices, top.values, bot.indices, bot.values))
+    return TopLogits(*(torch.cat([p[j] for p in parts]).cpu() for j in range(4)))
+
+
+def vocab_strings(tokenizer, d_vocab: int) -> list[str]:
+    """The text of every token id (ids the tokenizer lacks show as <id>)."""
+    if tokenizer is None:
+        return [f"<{i}>" for i in range(d_vocab)]
+    n = min(d_vocab, len(tokenizer))
+    out = tokenizer.batch_decode([[i] for i in range(n)])
+    return out + [f"<{i}>" for i in range(n, d_vocab)]
+
+
+class FreshDensity(NamedTuple):
+    counts: Tensor  # [F] int64 rows each feature fired on
+    n_tokens: int
+    l0: float
+    fvu: float
+    top_values: Tensor  # [T, k] the top activations of the tracked features
+    top_rows: Tensor  # [T, k] their row numbers in the order the batches were given (-1: none)
+
+
+@torch.no_grad()
+def measure_density(
+    sae, batches: Iterable[Tensor], track: Tensor, k: int = 10, progress=None
+) -> FreshDensity:
+    """Density, L0, FVU and the top-k activating rows of features `track`, over `batches`
+    [B, d_in] of activations in the SAE's input units."""
+    d_sae = sae.W_dec.shape[0]
+    dev = sae.W_dec.device
+    counts = torch.zeros(d_sae, dtype=torch.int64, device=dev)
+    sq_err = torch.zeros((), dtype=torch.float64, device=dev)
+    sum_x = torch.zeros(sae.W_dec.shape[1], dtype=torch.float64, device=dev)
+    sum_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    top_v = torch.full((len(track), k), -float("inf"), device=dev)
+    top_r = torch.full((len(track), k), -1, dtype=torch.int64, device=dev)
+    track = track.to(dev)
+    n = 0
+    for x in batches:
+        x = x.to(dev, sae.W_dec.dtype)
+        out = sae(x)
+        acts = out.acts
+        if out.indices is not None:
+            acts = torch.zeros(x.shape[0], d_sae, device=dev, dtype=acts.dtype).scatter_(
+                1, out.indices, out.acts
+            )
+        counts += (acts > 0).sum(0)
+        sq_err += (x - out.recon).double().pow(2).sum()
+        sum_x += x.double().sum(0)
+        sum_sq += x.double().pow(2).sum()
+        if len(track):
+            a = acts[:, track].T  # [T, B]
+            rows = torch.arange(n, n + x.shape[0], device=dev).expand(len(track), -1)
+            v, idx = torch.cat([top_v, a], 1).topk(k, dim=1)
+            top_r = torch.cat([top_r, rows], 1).gather(1, idx)
+            top_v = v
+        n += x.shape[0]
+        if progress is not None:
+            progress.update(x.shape[0])
+    total_var = sum_sq - sum_x.pow(2).sum() / max(n, 1)
+    top_r = torch.where(top_v > 0, top_r, -1)
+    return FreshDensity(
+        counts.cpu(),
+        n,
+        float(counts.sum()) / max(n, 1),
+        float(sq_err / total_var) if total_var > 0 else float("nan"),
+        top_v.cpu(),
+        top_r.cpu(),
+    )

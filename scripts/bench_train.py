@@ -1,0 +1,210 @@
+"""Benchmark a training step (issue 4) on a synthetic on-disk cache (d_in 512, float32).
+
+1. relu_l1, 4096 features, batch 4096: the time of the step's five bare matmuls (x @ W_enc,
+   f @ W_dec, f^T @ g, g @ W_dec^T, x^T @ g_pre; same shapes and layouts, preallocated outputs)
+   divided by the time of the trainer's full step (`Trainer.train_step` on the next batch of a
+   `CacheReader`: data reading, loss and gradients, decoder-gradient projection, Adam,
+   renormalisation, density tracking). Target >= 0.9.
+2. topk, k 32, 16384 features, batch 4096: our step against the same step with a dense decoder
+   (dense [B, d_sae] activations decoded by a matmul, gradients by autograd), both through
+   `Trainer.train_step` with the same optimizer and data; without AuxK, and with AuxK
+   (k_aux 256) at full load (5% of latents dead). Target >= 2x.
+
+Both sides of each comparison run in the same process, interleaved, and the medians of --reps
+repetitions after --warmup are compared, so load from other processes affects both.
+
+    python -m scripts.bench_train [--reps 9] [--warmup 2] [--topk-reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+
+from activations.cache import CacheReader, read_manifest
+from sae.model import SAE, StepOutput
+from training.config import TrainConfig
+from training.trainer import Trainer, _manifest_info
+
+D_IN, BATCH = 512, 4096
+
+
+def write_cache(out: Path, n_rows: int = 65_536, shard_rows: int = 8192, seed: int = 0) -> Path:
+    """A cache in activations/cache.py's format: sparse non-negative sums of random directions."""
+    out.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(2048, D_IN, generator=g)
+    D /= D.norm(dim=1, keepdim=True)
+    shards, norm_sum = [], 0.0
+    for i, s in enumerate(range(0, n_rows, shard_rows)):
+        n = min(shard_rows, n_rows - s)
+        codes = (torch.rand(n, len(D), generator=g) < 0.01) * torch.rand(n, len(D), generator=g)
+        a = (codes @ D + 0.05 * torch.randn(n, D_IN, generator=g)).relu()
+        norm_sum += float(a.double().norm(dim=1).sum())
+        data = save(
+            {
+                "activations": a,
+                "tokens": torch.zeros(n, dtype=torch.int32),
+                "context": torch.arange(s, s + n),
+                "position": torch.ones(n, dtype=torch.int32),
+            }
+        )
+        name = f"shard-{i:05d}.safetensors"
+        (out / name).write_bytes(data)
+        shards.append(
+            {"file": name, "rows": n, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        )
+    manifest = {
+        "format": "saekit-activation-cache", "format_version": 1, "model": "synthetic",
+        "site": "mlp_post", "hook_name": "blocks.0.mlp.hook_post", "layer": 0, "d_in": D_IN,
+        "dtype": "float32", "context_size": 128, "dataset": {"name": "synthetic"},
+        "n_tokens": n_rows, "target_tokens": n_rows, "complete": True,
+        "stats": {"mean_norm": norm_sum / n_rows, "rows": n_rows}, "shards": shards,
+    }  # fmt: skip
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def make_trainer(cache: Path, out: Path, **kw) -> Trainer:
+    """A Trainer set up as `train()` sets it up (fresh start), without running the loop."""
+    cfg = TrainConfig(cache=str(cache), out=str(out), batch_size=BATCH, steps=10**6,
+                      resample="none", checkpoint_every=0, dtype="float32", **kw)  # fmt: skip
+    manifest = read_manifest(cache)
+    res = cfg.resolve(*_manifest_info(manifest))
+    reader = CacheReader(cache, cfg.batch_size, seed=cfg.seed)
+    out.mkdir(parents=True)
+    trainer = Trainer(cfg, res, reader, manifest, out)
+    trainer.init_fresh()
+    return trainer
+
+
+def step_fn(trainer: Trainer) -> Callable[[], StepOutput]:
+    batches = trainer.reader.batches(start_batch=trainer.step)
+    return lambda: trainer.train_step(next(batches))
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved(fns: list[Callable[[], object]], reps: int, warmup: int) -> list[list[float]]:
+    times: list[list[float]] = [[] for _ in fns]
+    for i in range(warmup + reps):
+        for fn, ts in zip(fns, times, strict=True):
+            t = timed(fn)
+            if i >= warmup:
+                ts.append(t)
+    return times
+
+
+def bare_matmuls(sae: SAE) -> Callable[[], None]:
+    """The relu step's five matmuls as SAE._relu_step calls them, into preallocated outputs."""
+    W_enc, W_dec = sae.W_enc.detach(), sae.W_dec.detach()
+    d_sae = W_enc.shape[1]
+    x, g = torch.randn(BATCH, D_IN), torch.randn(BATCH, D_IN)
+    f, g_pre = torch.rand(BATCH, d_sae), torch.randn(BATCH, d_sae)
+    recon, dW_dec, dW_enc = torch.empty(BATCH, D_IN), torch.empty_like(W_dec), torch.empty_like(W_enc)
+
+    def run() -> None:
+        torch.mm(x, W_enc, out=f)
+        torch.mm(f, W_dec, out=recon)
+        torch.mm(f.t(), g, out=dW_dec)
+        torch.mm(g, W_dec.t(), out=g_pre)
+        torch.mm(x.t(), g_pre, out=dW_enc)
+
+    return run
+
+
+class DenseDecoderTopK(SAE):
+    """The same TopK step written densely: [B, d_sae] activations, matmul decoder, autograd."""
+
+    def forward_backward(self, x, l1_coef=0.0, dead_mask=None) -> StepOutput:
+        k, B = self.cfg.k, x.shape[0]
+        with torch.enable_grad():
+            pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+            vals, idx = pre.topk(k, dim=-1, sorted=False)
+            f = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+            recon = f @ self.W_dec + self.b_dec
+            mse = (recon - x).pow(2).sum() / B
+            aux = x.new_zeros(())
+            if dead_mask is not None:
+                k_aux = min(self.cfg.k_aux, self.cfg.d_sae)
+                a_vals, a_idx = pre.masked_fill(~dead_mask, -math.inf).topk(k_aux, sorted=False)
+                f_aux = torch.zeros_like(pre).scatter(-1, a_idx, a_vals.relu())
+                resid = (x - recon).detach()
+                aux = (f_aux @ self.W_dec - resid).pow(2).sum() / B * dead_mask.any()
+            loss = mse + self.cfg.aux_coef * aux
+            self.zero_grad(set_to_none=True)
+            loss.backward()
+        # Counted from the kept latents, as ours: no dense pass charged to the baseline here.
+        fired = torch.zeros(self.cfg.d_sae, dtype=torch.int64)
+        fired.index_add_(0, idx.reshape(-1), (vals > 0).reshape(-1).long())
+        return StepOutput(loss.detach(), mse.detach(), x.new_zeros(()), aux.detach(), fired)
+
+
+def topk_pair(cache: Path, tmp: Path, name: str, dead_frac: float, reps: int, warmup: int):
+    kw = dict(arch="topk", features=16384, k=32, dead_window=1)
+    if dead_frac == 0:
+        kw["aux_coef"] = 0.0
+    ours = make_trainer(cache, tmp / f"{name}-ours", **kw)
+    dense = make_trainer(cache, tmp / f"{name}-dense", **kw)
+    dense_sae = DenseDecoderTopK(ours.sae.cfg)
+    dense_sae.load_state_dict(ours.sae.state_dict())
+    dense.sae = dense_sae
+    dense.opt = torch.optim.Adam(dense_sae.parameters(), lr=dense.res.lr, fused=True)
+    if dead_frac:
+        # Latents that can never fire (b_enc -1000): dead after the first step, so AuxK runs
+        # with k_aux = 256 of them per row, its full cost.
+        g = torch.Generator().manual_seed(1)
+        dead = torch.rand(ours.res.d_sae, generator=g) < dead_frac
+        for t in (ours, dense):
+            with torch.no_grad():
+                t.sae.b_enc[dead] = -1000.0
+    (t_ours, t_dense) = interleaved([step_fn(ours), step_fn(dense)], reps, warmup)
+    return statistics.median(t_ours), statistics.median(t_dense)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=9, help="timed repetitions (relu_l1)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
+    p.add_argument("--topk-reps", type=int, default=5, help="timed repetitions (topk)")
+    a = p.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        cache = write_cache(tmp / "cache")
+
+        trainer = make_trainer(cache, tmp / "relu", arch="relu_l1", features=4096)
+        t_step, t_mm = interleaved([step_fn(trainer), bare_matmuls(trainer.sae)], a.reps, a.warmup)
+        step, mm = statistics.median(t_step), statistics.median(t_mm)
+        print(
+            f"relu_l1 d_in {D_IN}, 4096 features, batch {BATCH}: full step {step:.3f} s "
+            f"(mean {statistics.mean(t_step):.3f}), five bare matmuls {mm:.3f} s; "
+            f"matmuls / step = {mm / step:.3f} (target >= 0.9)"
+        )
+        del trainer
+
+        for name, frac in (("topk", 0.0), ("topk-auxk", 0.05)):
+            ours, dense = topk_pair(cache, tmp, name, frac, a.topk_reps, 1)
+            what = "no AuxK" if frac == 0 else "AuxK k_aux 256, 5% of latents dead"
+            print(
+                f"topk k 32, 16384 features, batch {BATCH}, {what}: ours {ours:.3f} s, "
+                f"dense decoder {dense:.3f} s; speed-up {dense / ours:.2f}x (target >= 2)"
+            )
+
+
+if __name__ == "__main__":
+    main()

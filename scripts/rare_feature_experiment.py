@@ -1,0 +1,165 @@
+"""The dying test end to end on the default model: do ultra-rare features keep dying, or settle?
+
+    python -m scripts.rare_feature_experiment                 # ~25-30 min on 2 CPU cores
+    python -m scripts.rare_feature_experiment --steps 300     # a quick smoke run
+
+Anthropic's A/1 recipe in small: relu_l1 on the default model's MLP neurons (`mlp_post`, 512
+wide) with 4,096 features, Anthropic resampling at several points, and half of each resampling's
+picks held out (never resampled) as the control group. The density history's windows are large
+enough to resolve densities of ~1e-5 each; the report pools the last windows so that the class
+thresholds (ultra-rare < 1e-6) are resolvable. The verdict is the report's dying test.
+Outputs in --out: cache/, run/ (with eval.json), report/, experiment.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sae.errors import SaekitError
+
+
+@dataclass
+class RareFeatureConfig:
+    """Train a 4,096-feature relu_l1 SAE on the default model with resampling and a held-out
+    control group, then run the dying test and write the report."""
+
+    out: str = "saekit-rare-features"
+    """output dir (cache/, run/, report/, experiment.json)"""
+    tokens: int = 900_000
+    """tokens to cache (training cycles over them)"""
+    features: int = 4096
+    """SAE features (Anthropic's A/1: 4,096)"""
+    steps: int = 3000
+    """training steps"""
+    batch_size: int = 1024
+    """activations per step"""
+    l1_coef: float | None = None
+    """L1 coefficient (default: the trainer's default for relu_l1)"""
+    resample_at: list[float] = field(default_factory=lambda: [0.15, 0.3, 0.45, 0.6])
+    """fractions of training at which to resample (the last one leaves time to watch trends)"""
+    holdout: float = 0.5
+    """fraction of each resampling's picks left alone as the control group"""
+    density_window: int = 65_536
+    """tokens per density-history window"""
+    pool_tokens: int = 900_000
+    """the report pools the last windows until they hold this many tokens (1e6 resolves 1e-6)"""
+    seed: int = 0
+    """seed for the cache order, initialisation and resampling"""
+    device: str = "cpu"
+    """torch device"""
+    overwrite: bool = False
+    """replace an existing experiment in --out"""
+
+
+def rare_feature_experiment(cfg: RareFeatureConfig) -> Path:
+    from activations.cache import CacheConfig, build_cache
+    from diagnostics.evaluate import EvaluateConfig, evaluate
+    from diagnostics.report import DiagnoseConfig, diagnose
+    from sae.io import atomic_write_json
+    from training.config import TrainConfig
+    from training.trainer import train
+
+    out = Path(cfg.out)
+    if not all(0 < f < 1 for f in cfg.resample_at):
+        raise SaekitError(f"--resample-at fractions must be in (0, 1), got {cfg.resample_at}")
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise SaekitError(f"{out} is not empty; pass --overwrite or another --out")
+        if not (out / "cache").is_dir():
+            raise SaekitError(f"{out} does not look like an experiment dir; refusing to delete it")
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    cache = build_cache(
+        CacheConfig(
+            out=out / "cache",
+            model="default",
+            site="mlp_post",
+            tokens=cfg.tokens,
+            seed=cfg.seed,
+            device=cfg.device,
+        )
+    )
+    resample_steps = sorted({max(1, round(f * cfg.steps)) for f in cfg.resample_at})
+    run = train(
+        TrainConfig(
+            cache=str(cache),
+            out=str(out / "run"),
+            arch="relu_l1",
+            features=cfg.features,
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            l1_coef=cfg.l1_coef,
+            resample="anthropic",
+            resample_steps=resample_steps,
+            resample_holdout=cfg.holdout,
+            density_window=cfg.density_window,
+            checkpoint_every=0,
+            seed=cfg.seed,
+            device=cfg.device,
+        )
+    )
+    ev = evaluate(EvaluateConfig(run=str(run), device=cfg.device))
+    report = Path(
+        diagnose(
+            DiagnoseConfig(
+                run=str(run),
+                out=str(out / "report"),
+                min_window_tokens=cfg.pool_tokens,
+                device=cfg.device,
+            )
+        )
+    )
+    summary = json.loads((report / "summary.json").read_text())
+    doc = {
+        "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+        "resample_steps": resample_steps,
+        "seconds": time.perf_counter() - t0,
+        "counts": summary["counts"],
+        "held_out": summary.get("held_out"),
+        "window": summary.get("window"),
+        "l0": ev.metrics["l0"],
+        "fvu_pooled": ev.metrics["fvu_pooled"],
+        "loss_recovered_zero": ev.metrics["loss_recovered_zero"],
+        "loss_recovered_mean": ev.metrics["loss_recovered_mean"],
+        "dying_test": summary.get("dying_test"),
+        "geometry": summary.get("geometry"),
+        "report": str(report / "report.html"),
+        "anthropic_a1": {"features": 4096, "dead": 168, "ultra_rare": 292},
+    }
+    atomic_write_json(out / "experiment.json", doc)
+    c = summary["counts"]
+    print(
+        f"rare_feature_experiment: {cfg.features} features: {c['dead']} dead, {c['ultra_rare']} "
+        f"ultra-rare, {c['live']} live (Anthropic A/1: 168 dead, 292 ultralow of 4,096); "
+        f"{summary.get('held_out')} held out; {doc['seconds']:.0f}s"
+    )
+    print(f"verdict: {(summary.get('dying_test') or {}).get('verdict')}")
+    print(f"report: {doc['report']}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import sys
+
+    from scripts.cli import add_dataclass_args, config_from_args
+
+    p = argparse.ArgumentParser(
+        prog="python -m scripts.rare_feature_experiment",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_dataclass_args(p, RareFeatureConfig)
+    try:
+        rare_feature_experiment(config_from_args(RareFeatureConfig, p.parse_args(argv)))
+    except SaekitError as e:
+        print(f"rare_feature_experiment: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

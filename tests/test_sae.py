@@ -1,0 +1,133 @@
+"""The SAE modules (sae/model.py) and their file format (sae/io.py), on small random tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sae.io import atomic_write_json, load_sae, save_sae
+from sae.model import SAE, SAEConfig, geometric_median
+
+
+def _random_sae(arch: str, d_in=16, d_sae=64, k=4, seed=0, dtype=torch.float64) -> SAE:
+    sae = SAE(SAEConfig(arch, d_in, d_sae, k=k, k_aux=8), dtype=dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(d_in, generator=g))
+        sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1)
+    return sae
+
+
+def test_topk_sparse_backward_equals_dense_autograd():
+    sae = _random_sae("topk")
+    x = torch.randn(32, 16, dtype=torch.float64)
+    dead = torch.rand(64, generator=torch.Generator().manual_seed(3)) < 0.5
+    out = sae(x, dead)
+    sae.loss(out, 0.0).backward()
+    ours = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+
+    # The same loss written densely, differentiated by autograd.
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    v, i = pre.topk(4, dim=-1)
+    f = torch.zeros_like(pre).scatter(-1, i, v.relu())
+    recon = f @ sae.W_dec + sae.b_dec
+    mse = ((recon - x) ** 2).sum(-1).mean()
+    av, ai = pre.masked_fill(~dead, -math.inf).topk(8, dim=-1)
+    fa = torch.zeros_like(pre).scatter(-1, ai, av.relu())
+    aux = (((x - recon).detach() - fa @ sae.W_dec) ** 2).sum(-1).mean()
+    (mse + aux / 32).backward()
+    assert torch.allclose(out.recon, recon)
+    assert torch.allclose(out.mse, mse) and torch.allclose(out.aux, aux)
+    for n, p in sae.named_parameters():
+        assert torch.allclose(p.grad, ours[n], atol=1e-12), n
+    assert torch.equal(sae.fired(out), (f > 0).sum(0))
+    assert torch.equal(sae.encode(x), f)
+
+
+@pytest.mark.parametrize("arch", ["relu_l1", "relu_l1_v2"])
+def test_relu_forward_matches_definition(arch):
+    sae = _random_sae(arch)
+    x = torch.randn(32, 16, dtype=torch.float64)
+    out = sae(x)
+    x_in = x - sae.b_dec if arch == "relu_l1" else x
+    f = torch.relu(x_in @ sae.W_enc + sae.b_enc)
+    recon = f @ sae.W_dec + sae.b_dec
+    assert torch.allclose(out.acts, f) and torch.allclose(out.recon, recon)
+    assert torch.allclose(out.mse, ((recon - x) ** 2).sum(-1).mean())
+    want = f.sum(-1) if arch == "relu_l1" else (f * sae.W_dec.norm(dim=1)).sum(-1)
+    assert torch.allclose(out.sparsity, want.mean())
+    assert torch.equal(sae.fired(out), (f > 0).sum(0))
+    assert out.aux == 0
+
+
+def test_init_per_arch():
+    d = _random_sae("relu_l1").W_dec.norm(dim=1)
+    assert torch.allclose(d, torch.ones_like(d))
+    v2 = SAE(SAEConfig("relu_l1_v2", 16, 64), dtype=torch.float64)
+    assert torch.allclose(v2.W_dec.norm(dim=1), torch.full((64,), 0.1, dtype=torch.float64))
+    assert torch.equal(v2.W_enc, v2.W_dec.t())
+    tk = SAE(SAEConfig("topk", 16, 64))
+    assert torch.equal(tk.W_enc, tk.W_dec.t())
+    assert tk.cfg.k_aux == 8  # d_in // 2
+
+
+def test_decoder_projection_and_renorm_keep_unit_rows_and_spare_untouched_ones():
+    sae = _random_sae("relu_l1", dtype=torch.float32)
+    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    sae.W_dec.grad[:5] = 0
+    sae.remove_parallel_decoder_grad()
+    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5
+    before = sae.W_dec.detach().clone()
+    with torch.no_grad():
+        sae.W_dec -= 0.1 * sae.W_dec.grad
+    sae.normalize_decoder()
+    norms = sae.W_dec.norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-6)
+    assert torch.equal(sae.W_dec[:5], before[:5])  # no update: bitwise unchanged
+
+
+def test_geometric_median_is_robust():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 8, generator=g) * 0.1 + 3.0
+    x[:200] += 1000.0  # 10% far outliers drag the mean, not the median
+    med = geometric_median(x)
+    assert (med - 3.0).abs().max() < 0.05
+    assert (x.mean(0) - 3.0).abs().max() > 50
+
+
+@pytest.mark.parametrize("arch", ["relu_l1", "relu_l1_v2", "topk"])
+def test_saelens_loads_saved_sae_and_agrees(tmp_path, arch):
+    sae_lens = pytest.importorskip("sae_lens")
+    sae = _random_sae(arch, dtype=torch.float32)
+    scale = 2.5 if arch == "relu_l1_v2" else 1.0  # v2 trains on scaled inputs: folded on save
+    meta = {"model_name": "default", "hook_name": "blocks.0.mlp.hook_post"}
+    save_sae(sae, tmp_path, meta, input_scale=scale)
+    x = torch.randn(64, 16) * 3
+
+    with torch.no_grad():
+        f_ours = sae.encode(x * scale)
+        recon_ours = sae.decode(f_ours) / scale
+        theirs = sae_lens.SAE.load_from_disk(str(tmp_path))
+        f_theirs = theirs.encode(x)
+        recon_theirs = theirs.decode(f_theirs)
+        loaded, loaded_meta = load_sae(tmp_path)
+        f_loaded = loaded.encode(x)
+    assert theirs.cfg.metadata.hook_name == "blocks.0.mlp.hook_post"
+    assert theirs.cfg.apply_b_dec_to_input == (arch != "relu_l1_v2")
+    assert torch.allclose(f_theirs, f_ours, atol=1e-5)
+    assert torch.allclose(recon_theirs, recon_ours, atol=1e-4)
+    assert torch.allclose(f_loaded, f_ours, atol=1e-5)
+    assert loaded_meta["arch"] == arch and loaded.cfg.arch == arch
+
+
+def test_load_sae_errors(tmp_path):
+    from sae.errors import SaekitError
+
+    with pytest.raises(SaekitError, match="cfg.json"):
+        load_sae(tmp_path)
+    atomic_write_json(tmp_path / "cfg.json", {"architecture": "standard"})
+    with pytest.raises(SaekitError, match="sae_weights"):
+        load_sae(tmp_path)

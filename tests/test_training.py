@@ -1,0 +1,301 @@
+"""Training (training/): resampling with a held-out control group, density history, exact resume
+after kill -9, run-dir files, and the one-line errors.
+
+The end-to-end tests run on a real cache of the default model's mlp_post (100k tokens, built once
+per session). Until the default model is trained and committed they fall back to a synthetic
+cache in the same on-disk format (sparse combinations of random directions, d_in 512).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save
+
+from sae.errors import SaekitError
+from training.config import TrainConfig
+from training.trainer import _event_seed, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_synthetic_cache(out: Path, n_rows=100_000, d_in=512, n_true=1024, shard_rows=25_000,
+                          seed=0, complete=True, nan_shard=None) -> Path:  # fmt: skip
+    """A cache in activations/cache.py's format holding sparse sums of random unit directions."""
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(n_true, d_in, generator=g)
+    D /= D.norm(dim=1, keepdim=True)
+    p = torch.rand(n_true, generator=g) * 0.01
+    shards, norm_sum = [], 0.0
+    for i, s in enumerate(range(0, n_rows, shard_rows)):
+        n = min(shard_rows, n_rows - s)
+        codes = (torch.rand(n, n_true, generator=g) < p) * torch.rand(n, n_true, generator=g) * 3
+        a = (codes @ D + 0.05 * torch.randn(n, d_in, generator=g)).relu().float()
+        if nan_shard == i:
+            a[0, 0] = float("nan")
+        norm_sum += float(a.double().norm(dim=1).sum())
+        data = save(
+            {
+                "activations": a,
+                "tokens": torch.zeros(n, dtype=torch.int32),
+                "context": torch.arange(s, s + n),
+                "position": torch.ones(n, dtype=torch.int32),
+            }
+        )
+        name = f"shard-{i:05d}.safetensors"
+        (out / name).write_bytes(data)
+        sha = hashlib.sha256(data).hexdigest()
+        shards.append({"file": name, "rows": n, "bytes": len(data), "sha256": sha})
+    manifest = {
+        "format": "saekit-activation-cache",
+        "format_version": 1,
+        "model": "synthetic",
+        "site": "mlp_post",
+        "hook_name": "blocks.0.mlp.hook_post",
+        "layer": 0,
+        "d_in": d_in,
+        "dtype": "float32",
+        "context_size": 128,
+        "dataset": {"name": "synthetic"},
+        "n_tokens": n_rows,
+        "target_tokens": n_rows,
+        "complete": complete,
+        "stats": {"mean_norm": norm_sum / n_rows, "rows": n_rows},
+        "shards": shards,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def _default_model_available() -> bool:
+    from activations.models import DEFAULT_MODEL_DIR
+
+    return DEFAULT_MODEL_DIR.is_dir() and any(DEFAULT_MODEL_DIR.glob("*.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory) -> Path:
+    """100k tokens of the default model's mlp_post (synthetic stand-in if the model is missing)."""
+    out = tmp_path_factory.mktemp("cache") / "mlp_post"
+    if _default_model_available():
+        from activations.cache import CacheConfig, build_cache
+
+        return build_cache(CacheConfig(out=out, model="default", site="mlp_post", tokens=100_000))
+    return write_synthetic_cache(out)
+
+
+def _cfg(cache: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(cache=str(cache), out=str(out), features=1024, steps=60, batch_size=512,
+                log_every=10, checkpoint_every=10, keep_checkpoints=0)  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _ckpt(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / f"step-{step:08d}.safetensors"))
+
+
+# Resampling: dead_window 10 steps = 2 history windows of 5 steps; events at 20 and 40.
+RESAMPLE = dict(resample="anthropic", resample_steps=[20, 40], dead_window=10,
+                resample_holdout=0.5, resample_inputs=20_000, density_window=5 * 512)  # fmt: skip
+
+
+def test_resampling_with_holdout(cache, tmp_path):
+    from activations.cache import CacheReader
+
+    # An aggressive learning rate kills many features early, so resampling has work to do.
+    manifest = json.loads((cache / "manifest.json").read_text())
+    l1 = manifest["stats"]["mean_norm"] / manifest["d_in"] ** 0.5
+    run = train(_cfg(cache, tmp_path / "run", lr=1e-2, l1_coef=l1, **RESAMPLE))
+    h = load_file(str(run / "density_history.safetensors"))
+    assert h["resample_steps"].tolist() == [20, 40]
+    assert torch.equal(h["window_end_step"], torch.arange(5, 61, 5))
+    assert (h["window_tokens"] == 5 * 512).all() and h["counts"].shape == (12, 1024)
+    assert torch.equal(h["control_mask"], h["held_out"].any(0))
+    reader = CacheReader(cache, 512)
+    total_resampled = 0
+    for e, step in enumerate([20, 40]):
+        res, held = h["resampled"][e], h["held_out"][e]
+        chosen = res | held
+        total_resampled += int(res.sum())
+        assert not (res & held).any()
+        assert abs(int(held.sum()) - int(chosen.sum()) / 2) <= 0.5  # exactly round(50%)
+        # Chosen = exactly the non-control features with no firing in the last 10 steps.
+        recent = h["counts"][(h["window_end_step"] > step - 10) & (h["window_end_step"] <= step)]
+        silent = recent.sum(0) == 0
+        earlier_control = h["held_out"][:e].any(0)
+        assert torch.equal(chosen, silent & ~earlier_control)
+        assert not (res & earlier_control).any()  # the control group is never resampled
+
+        # The checkpoint taken right after the event: decoder rows are unit inputs from the
+        # resampling sample, encoder rows parallel to them, b_enc 0, Adam moments zero.
+        ck = _ckpt(run, step)
+        idx = res.nonzero().squeeze(1)
+        if len(idx):
+            W_dec = ck["sae.W_dec"][idx]
+            x = reader.sample(20_000, seed=_event_seed(0, step))
+            unit = x / x.norm(dim=1, keepdim=True)
+            best = (W_dec @ unit.t()).max(dim=1)
+            assert torch.allclose(W_dec, unit[best.indices], atol=1e-6)
+            W_enc = ck["sae.W_enc"][:, idx].t()
+            enc_norm = W_enc.norm(dim=1)
+            assert torch.allclose(W_enc / enc_norm[:, None], W_dec, atol=1e-5)
+            assert torch.allclose(enc_norm, enc_norm[0].expand_as(enc_norm))
+            assert (ck["sae.b_enc"][idx] == 0).all()
+            for name, sl in (("W_dec", (idx,)), ("W_enc", (slice(None), idx)), ("b_enc", (idx,))):
+                for key in ("exp_avg", "exp_avg_sq"):
+                    assert (ck[f"adam.{name}.{key}"][sl] == 0).all(), (name, key)
+            # ...while the other features' moments were kept.
+            assert (ck["adam.W_dec.exp_avg_sq"][~res] != 0).any()
+    assert total_resampled > 0, "no feature was dead: the test needs a stronger l1_coef"
+
+    # Held-out features that stayed silent after their event are bitwise unchanged.
+    final = load_file(str(run / "sae_weights.safetensors"))
+    e = int(h["held_out"].any(1).nonzero()[0])
+    step = int(h["resample_steps"][e])
+    held = h["held_out"][e].nonzero().squeeze(1)
+    later = h["counts"][h["window_end_step"] > step].sum(0)
+    quiet = held[later[held] == 0]
+    assert len(quiet) > 0
+    at_event = _ckpt(run, step)
+    for s in range(step + 10, 60, 10):
+        ck = _ckpt(run, s)
+        assert torch.equal(ck["sae.W_dec"][quiet], at_event["sae.W_dec"][quiet])
+        assert torch.equal(ck["sae.W_enc"][:, quiet], at_event["sae.W_enc"][:, quiet])
+        assert torch.equal(ck["sae.b_enc"][quiet], at_event["sae.b_enc"][quiet])
+    assert torch.equal(final["W_dec"][quiet], at_event["sae.W_dec"][quiet])
+    assert torch.equal(final["W_enc"][:, quiet], at_event["sae.W_enc"][:, quiet])
+
+    # metrics.jsonl: one line per log step with the documented keys.
+    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(10, 61, 10))
+    keys = {"step", "tokens", "elapsed_s", "loss", "mse", "sparsity", "l0", "fvu", "dead",
+            "ultra_rare", "lr", "l1_coef"}  # fmt: skip
+    assert keys <= set(lines[-1])
+    sp = load_file(str(run / "sparsity.safetensors"))["sparsity"]
+    assert sp.shape == (1024,) and (sp <= 0).all()
+
+
+def _run_cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "scripts.cli", "train", *args],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_bitwise_identical(cache, tmp_path):
+    args = ["--cache", str(cache), "--features", "1024", "--steps", "160", "--batch-size", "512",
+            "--checkpoint-every", "20", "--log-every", "20", "--resample", "anthropic",
+            "--resample-steps", "40", "100", "--dead-window", "20", "--resample-holdout", "0.5",
+            "--resample-inputs", "20000", "--density-window", "5120"]  # fmt: skip
+    full = _run_cli([*args, "--out", str(tmp_path / "full")])
+    killed_dir = tmp_path / "killed"
+    victim = _run_cli([*args, "--out", str(killed_dir)])
+    deadline = time.time() + 120
+    while not (killed_dir / "checkpoints" / "step-00000060.json").exists():
+        assert victim.poll() is None, victim.communicate()[1]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (killed_dir / "sae_weights.safetensors").exists()  # it really died mid-run
+    resumed = _run_cli([*args, "--out", str(killed_dir), "--resume"])
+    for p in (full, resumed):
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    for name in ("sae_weights.safetensors", "density_history.safetensors", "sparsity.safetensors"):
+        a, b = load_file(str(tmp_path / "full" / name)), load_file(str(killed_dir / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    steps = [json.loads(s)["step"] for s in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(20, 161, 20))
+
+
+@pytest.mark.parametrize("arch", ["relu_l1_v2", "topk"])
+def test_other_archs_train_and_load_in_saelens(cache, tmp_path, arch):
+    sae_lens = pytest.importorskip("sae_lens")
+    from activations.cache import CacheReader
+
+    run = train(_cfg(cache, tmp_path / "run", arch=arch, steps=30, k=16))
+    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(m["loss"]) for m in lines)
+    if arch == "topk":
+        assert lines[-1]["fvu"] < lines[0]["fvu"]
+        assert all(m["l0"] <= 16 for m in lines)
+    else:  # lambda warm-up over the first 5% of steps, lr decay to 0 over the last 20%
+        assert lines[-1]["lr"] < lines[0]["lr"] / 4
+    theirs = sae_lens.SAE.load_from_disk(str(run))
+    from sae.io import load_sae
+
+    ours, meta = load_sae(run)
+    assert meta["arch"] == arch and meta["hook_name"] == "blocks.0.mlp.hook_post"
+    x = CacheReader(cache, 256).sample(256, seed=1)
+    with torch.no_grad():
+        assert torch.allclose(theirs.encode(x), ours.encode(x), atol=1e-5)
+        assert torch.allclose(theirs(x), ours.decode(ours.encode(x)), atol=1e-4)
+
+
+def test_errors_are_one_line_and_leave_no_run_dir(cache, tmp_path):
+    out = tmp_path / "run"
+    bad = [
+        (dict(d_in=100), "does not match the cache's width"),
+        (dict(lr=-1.0), "--lr must be > 0"),
+        (dict(arch="topk", k=5000), "--k must be between 1"),
+        (dict(resample="anthropic", resample_holdout=1.0), "--resample-holdout must be in"),
+        (dict(resample="anthropic", resample_steps=[60]), "resample step 60 is outside"),
+        (dict(resample="none", resample_holdout=0.5), "needs --resample anthropic"),
+        (dict(resume=True), "holds no checkpoint"),
+    ]
+    for kw, msg in bad:
+        with pytest.raises(SaekitError, match=msg) as e:
+            train(_cfg(cache, out, **kw))
+        assert "\n" not in str(e.value)
+        assert not out.exists()
+
+    incomplete = write_synthetic_cache(tmp_path / "inc", n_rows=2000, d_in=8, complete=False)
+    with pytest.raises(SaekitError, match="incomplete"):
+        train(_cfg(incomplete, out))
+    nan = write_synthetic_cache(tmp_path / "nan", n_rows=4000, d_in=8, shard_rows=1000, nan_shard=2)
+    with pytest.raises(SaekitError, match="shard-00002.safetensors"):
+        train(_cfg(nan, out, features=16, batch_size=100, steps=100))
+    assert not out.exists()
+
+    out.mkdir()
+    (out / "something").write_text("x")
+    with pytest.raises(SaekitError, match="not empty"):
+        train(_cfg(cache, out))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SaekitError, match="last good checkpoint") as e:
+        train(_cfg(cache, out, lr=1e30, steps=40, checkpoint_every=1, log_every=5, features=64))
+    msg = str(e.value)
+    assert "NaN" in msg or "nan" in msg or "inf" in msg
+    kept = sorted((out / "checkpoints").glob("*.safetensors"))
+    assert kept
+    for p in kept:
+        t = load_file(str(p))
+        assert all(torch.isfinite(v).all() for k, v in t.items() if k.startswith("sae."))
+
+
+@pytest.mark.slow  # the CLI's start-up imports TransformerLens (~15 s)
+def test_cli_error_exit_code(cache, tmp_path):
+    p = _run_cli(["--cache", str(cache), "--out", str(tmp_path / "r"), "--lr", "-1"])
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2
+    assert err.strip().splitlines()[-1].startswith("saekit: error: --lr must be > 0")

@@ -1,0 +1,207 @@
+"""`saekit train` options. Every field's docstring is its CLI help."""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+from sae.errors import SaekitError
+
+# Defaults tuned on the default model's mlp_post (see docs/benchmarks.md); for relu archs the L1
+# coefficient is given for inputs of mean norm sqrt(d_in) and rescaled to the cache's norm.
+DEFAULT_LR = {"relu_l1": 1e-3, "relu_l1_v2": 5e-4, "topk": 1e-3}
+DEFAULT_L1 = {"relu_l1": 3.0, "relu_l1_v2": 5.0, "topk": 0.0}
+GEOMEDIAN_ROWS = 16384
+
+
+@dataclass
+class TrainConfig:
+    """Train a sparse autoencoder on an activation cache written by `saekit cache`."""
+
+    cache: str
+    """Cache dir written by `saekit cache`."""
+    out: str
+    """Run dir to write (cfg.json, sae_weights.safetensors, history, metrics, checkpoints)."""
+    arch: Literal["relu_l1", "relu_l1_v2", "topk"] = "relu_l1"
+    """relu_l1 (Anthropic 2023), relu_l1_v2 (Anthropic April 2024) or topk (Gao et al. 2024)."""
+    features: int | None = None
+    """Number of features (d_sae); None: expansion * d_in."""
+    expansion: int = 8
+    """Features per input dimension, used when --features is not given."""
+    d_in: int | None = None
+    """Expected activation width; checked against the cache (None: take the cache's)."""
+    steps: int = 3000
+    """Training steps (batches)."""
+    batch_size: int = 4096
+    """Activations per step."""
+    lr: float | None = None
+    """Adam learning rate; None: 1e-3 (relu_l1, topk), 5e-4 (relu_l1_v2)."""
+    l1_coef: float | None = None
+    """Sparsity coefficient lambda; None: 3 (relu_l1) or 5 (relu_l1_v2) times mean_norm/sqrt(d_in), i.e. the value for inputs of mean norm sqrt(d_in)."""
+    k: int = 32
+    """topk: latents kept per input."""
+    k_aux: int | None = None
+    """topk: dead latents in the AuxK loss; None: d_in // 2."""
+    aux_coef: float = 1 / 32
+    """topk: weight of the AuxK loss."""
+    resample: Literal["auto", "anthropic", "none"] = "auto"
+    """Dead-feature resampling: anthropic (Towards Monosemanticity), none, or auto (anthropic for relu_l1, none otherwise)."""
+    resample_steps: list[int] | None = None
+    """Steps at which to resample; None: at 25%, 50% and 75% of training (Anthropic: 25k/50k/75k of 100k)."""
+    dead_window: int | None = None
+    """Steps without firing after which a feature counts as dead (resampling, AuxK); None: steps // 8 (Anthropic: 12,500 of 100,000)."""
+    resample_inputs: int = 819_200
+    """Random cache rows the resampling loss is computed on (capped by the cache size)."""
+    resample_holdout: float = 0.0
+    """Fraction of the features chosen at each resampling left alone as a control group, never resampled afterwards."""
+    density_window: int | None = None
+    """Tokens per density-history window (rounded to whole batches); None: about 1% of training."""
+    dead_threshold: float = 0.0
+    """Density at or below which a feature counts as dead in metrics."""
+    ultra_rare_threshold: float = 1e-6
+    """Density below which a live feature counts as ultra-rare in metrics."""
+    log_every: int = 50
+    """Steps between metrics.jsonl lines."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (0: none)."""
+    keep_checkpoints: int = 3
+    """How many recent checkpoints to keep (0: all)."""
+    seed: int = 0
+    """Seed for the initialisation, the data order and resampling."""
+    device: str = "cpu"
+    """torch device."""
+    dtype: Literal["float32", "float64", "bfloat16"] = "float32"
+    """Parameter and activation dtype."""
+    resume: bool = False
+    """Continue the run in --out from its last checkpoint (bitwise equal to an uninterrupted run)."""
+    overwrite: bool = False
+    """Delete a non-empty --out first."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (needs `pip install wandb`; WANDB_MODE=offline works)."""
+
+    def resolve(self, d_in: int, mean_norm: float, n_rows: int) -> ResolvedConfig:
+        """Concrete values for every None, after checking that everything makes sense."""
+        bad = SaekitError
+        if self.d_in is not None and self.d_in != d_in:
+            raise bad(
+                f"--d-in {self.d_in} does not match the cache's width {d_in}; drop --d-in or use a cache of width {self.d_in}"
+            )
+        d_sae = self.features if self.features is not None else self.expansion * d_in
+        checks = [
+            (self.steps >= 1, f"--steps must be >= 1 (got {self.steps})"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
+            (self.expansion >= 1, f"--expansion must be >= 1 (got {self.expansion})"),
+            (d_sae >= 1, f"--features must be >= 1 (got {self.features})"),
+            (self.lr is None or self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
+            (
+                self.l1_coef is None or self.l1_coef >= 0,
+                f"--l1-coef must be >= 0 (got {self.l1_coef})",
+            ),
+            (self.aux_coef >= 0, f"--aux-coef must be >= 0 (got {self.aux_coef})"),
+            (
+                0 <= self.resample_holdout < 1,
+                f"--resample-holdout must be in [0, 1) (got {self.resample_holdout})",
+            ),
+            (self.resample_inputs >= 1, "--resample-inputs must be >= 1"),
+            (self.log_every >= 1, f"--log-every must be >= 1 (got {self.log_every})"),
+            (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
+            (self.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
+            (
+                self.dead_window is None or self.dead_window >= 1,
+                f"--dead-window must be >= 1 (got {self.dead_window})",
+            ),
+            (
+                self.density_window is None or self.density_window >= 1,
+                f"--density-window must be >= 1 token (got {self.density_window})",
+            ),
+            (
+                0 <= self.dead_threshold < self.ultra_rare_threshold <= 1,
+                "need 0 <= --dead-threshold < --ultra-rare-threshold <= 1",
+            ),
+            (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
+        ]
+        if self.arch == "topk":
+            checks += [
+                (
+                    1 <= self.k <= d_sae,
+                    f"--k must be between 1 and the number of features {d_sae} (got {self.k})",
+                ),
+                (
+                    self.k_aux is None or 1 <= self.k_aux <= d_sae,
+                    f"--k-aux must be between 1 and {d_sae} (got {self.k_aux})",
+                ),
+            ]
+        for ok, msg in checks:
+            if not ok:
+                raise bad(msg)
+
+        resample = self.resample
+        if resample == "auto":
+            resample = "anthropic" if self.arch == "relu_l1" else "none"
+        if resample == "anthropic":
+            if self.resample_steps is None:
+                steps = sorted({self.steps * q // 4 for q in (1, 2, 3)} - {0})
+            else:
+                steps = sorted(set(self.resample_steps))
+            for s in steps:
+                if not 1 <= s < self.steps:
+                    raise bad(
+                        f"resample step {s} is outside 1..{self.steps - 1} (steps={self.steps}); a resampling at the end would leave untrained features"
+                    )
+        else:
+            if self.resample_steps:
+                raise bad("--resample-steps given with --resample none; drop one of them")
+            if self.resample_holdout:
+                raise bad("--resample-holdout needs --resample anthropic")
+            steps = []
+        if self.resample_inputs > n_rows and resample == "anthropic":
+            print(
+                f"saekit: warning: --resample-inputs {self.resample_inputs} exceeds the cache's {n_rows} rows; using {n_rows}",
+                file=sys.stderr,
+            )
+        steps_per_window = (
+            max(1, math.ceil(self.steps / 100))
+            if self.density_window is None
+            else max(1, round(self.density_window / self.batch_size))
+        )
+        default_l1 = DEFAULT_L1[self.arch] * mean_norm / math.sqrt(d_in)
+        if self.arch == "relu_l1_v2":
+            default_l1 = DEFAULT_L1[self.arch]  # v2 trains on inputs rescaled to norm sqrt(d_in)
+        return ResolvedConfig(
+            d_in=d_in,
+            d_sae=d_sae,
+            lr=self.lr if self.lr is not None else DEFAULT_LR[self.arch],
+            l1_coef=(self.l1_coef if self.l1_coef is not None else default_l1)
+            if self.arch != "topk"
+            else 0.0,
+            k_aux=self.k_aux if self.k_aux is not None else max(1, d_in // 2),
+            resample=resample,
+            resample_steps=steps,
+            dead_window=self.dead_window
+            if self.dead_window is not None
+            else max(1, self.steps // 8),
+            resample_inputs=min(self.resample_inputs, n_rows),
+            steps_per_window=steps_per_window,
+            input_scale=math.sqrt(d_in) / mean_norm if self.arch == "relu_l1_v2" else 1.0,
+            n_rows=n_rows,
+        )
+
+
+@dataclass
+class ResolvedConfig:
+    """TrainConfig's derived values (what the run actually used; stored in checkpoints)."""
+
+    d_in: int
+    d_sae: int
+    lr: float
+    l1_coef: float
+    k_aux: int
+    resample: str
+    resample_steps: list[int]
+    dead_window: int
+    resample_inputs: int
+    steps_per_window: int
+    input_scale: float
+    n_rows: int

@@ -1,0 +1,111 @@
+"""Per-feature firing counts over training: accumulated on the device every step (no host sync),
+kept per window of whole batches, with the resampling events and the held-out control group.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sae.io import atomic_save_safetensors
+
+
+class DensityTracker:
+    def __init__(self, d_sae: int, batch_size: int, steps_per_window: int, device) -> None:
+        self.d_sae, self.batch_size, self.steps_per_window = d_sae, batch_size, steps_per_window
+        self.window = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.window_steps = 0
+        # Step after which each feature last fired (0: not since the start).
+        self.last_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.control_mask = torch.zeros(d_sae, dtype=torch.bool, device=device)
+        self.counts: list[Tensor] = []
+        self.window_tokens: list[int] = []
+        self.window_end_step: list[int] = []
+        self.event_steps: list[int] = []
+        self.resampled: list[Tensor] = []
+        self.held_out: list[Tensor] = []
+
+    def update(self, fired: Tensor, step: int) -> None:
+        """Add one batch's firing counts; `step` is the number of steps done including this one."""
+        self.window += fired
+        self.last_fired.masked_fill_(fired > 0, step)
+        self.window_steps += 1
+        if self.window_steps == self.steps_per_window:
+            self.flush(step)
+
+    def flush(self, step: int) -> None:
+        if self.window_steps == 0:
+            return
+        self.counts.append(self.window.clone())
+        self.window_tokens.append(self.window_steps * self.batch_size)
+        self.window_end_step.append(step)
+        self.window.zero_()
+        self.window_steps = 0
+
+    def dead_mask(self, step: int, dead_window: int) -> Tensor:
+        """Features that fired in none of the last `dead_window` steps (device tensor, no sync)."""
+        return (step - self.last_fired) >= dead_window
+
+    def record_event(self, step: int, resampled: Tensor, held_out: Tensor) -> None:
+        self.event_steps.append(step)
+        self.resampled.append(resampled.clone())
+        self.held_out.append(held_out.clone())
+        self.control_mask |= held_out
+        # A resampled feature gets a fresh dead_window before it can count as dead again.
+        self.last_fired.masked_fill_(resampled, step)
+
+    def recent_density(self, min_tokens: int = 0) -> tuple[Tensor, int]:
+        """Density over the most recent windows holding >= min_tokens (or the open window if none closed)."""
+        if not self.counts:
+            tokens = self.window_steps * self.batch_size
+            return self.window.double() / max(tokens, 1), tokens
+        total = torch.zeros_like(self.window)
+        tokens = 0
+        for c, t in zip(reversed(self.counts), reversed(self.window_tokens), strict=True):
+            total += c
+            tokens += t
+            if tokens >= min_tokens:
+                break
+        return total.double() / tokens, tokens
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The history as density_history.safetensors holds it (docs/architecture.md)."""
+        empty_events = torch.zeros(0, self.d_sae, dtype=torch.bool)
+        return {
+            "counts": torch.stack(self.counts).cpu()
+            if self.counts
+            else torch.zeros(0, self.d_sae, dtype=torch.int64),
+            "window_tokens": torch.tensor(self.window_tokens, dtype=torch.int64),
+            "window_end_step": torch.tensor(self.window_end_step, dtype=torch.int64),
+            "resample_steps": torch.tensor(self.event_steps, dtype=torch.int64),
+            "resampled": torch.stack(self.resampled).cpu() if self.resampled else empty_events,
+            "held_out": torch.stack(self.held_out).cpu() if self.held_out else empty_events,
+            "control_mask": self.control_mask.cpu(),
+        }
+
+    def state(self) -> dict[str, Tensor]:
+        """Everything needed to resume exactly (for checkpoints)."""
+        return {
+            **{f"history.{k}": v for k, v in self.tensors().items()},
+            "density.window": self.window.cpu(),
+            "density.last_fired": self.last_fired.cpu(),
+            "density.window_steps": torch.tensor(self.window_steps),
+        }
+
+    def load_state(self, t: dict[str, Tensor]) -> None:
+        dev = self.window.device
+        self.window.copy_(t["density.window"])
+        self.last_fired.copy_(t["density.last_fired"])
+        self.window_steps = int(t["density.window_steps"])
+        self.control_mask.copy_(t["history.control_mask"])
+        self.counts = [c.to(dev) for c in t["history.counts"]]
+        self.window_tokens = t["history.window_tokens"].tolist()
+        self.window_end_step = t["history.window_end_step"].tolist()
+        self.event_steps = t["history.resample_steps"].tolist()
+        self.resampled = [r.to(dev) for r in t["history.resampled"]]
+        self.held_out = [h.to(dev) for h in t["history.held_out"]]
+
+    def save(self, path: str | Path, metadata: dict[str, str]) -> None:
+        atomic_save_safetensors(path, self.tensors(), metadata)

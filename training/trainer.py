@@ -1,0 +1,424 @@
+"""The training loop: `train(cfg)` reads a cache and writes a run dir (design.md, docs/architecture.md).
+
+A step (`Trainer.train_step`) is: read a batch (prefetched by the reader), loss and gradients
+(`SAE.forward_backward`), decoder-gradient projection, Adam, decoder renormalisation, firing
+counts added on the device. Nothing in a step waits for the device except at log, window and
+checkpoint steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from sae.errors import SaekitError
+from sae.io import atomic_save_safetensors, atomic_write_json, load_safetensors, save_sae
+from sae.model import SAE, SAEConfig, StepOutput, geometric_median
+from training.config import GEOMEDIAN_ROWS, ResolvedConfig, TrainConfig
+from training.density import DensityTracker
+from training.resample import anthropic_resample
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+# Fields that must not change when resuming (the others only affect logging and I/O).
+RESUME_FIELDS = (
+    "arch", "features", "expansion", "steps", "batch_size", "lr", "l1_coef", "k", "k_aux",
+    "aux_coef", "resample", "resample_steps", "dead_window", "resample_inputs",
+    "resample_holdout", "density_window", "seed", "dtype",
+)  # fmt: skip
+
+
+def _event_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (2**63)
+
+
+def _manifest_info(manifest: dict) -> tuple[int, float, int]:
+    try:
+        d_in = int(manifest["d_in"])
+        mean_norm = float(manifest["stats"]["mean_norm"])
+    except (KeyError, TypeError, ValueError):
+        raise SaekitError(
+            "the cache manifest lacks d_in or stats.mean_norm; rebuild the cache with `saekit cache`"
+        ) from None
+    n_rows = manifest.get("n_tokens") or sum(int(s["rows"]) for s in manifest.get("shards", []))
+    return d_in, mean_norm, int(n_rows)
+
+
+def sae_metadata(manifest: dict, cfg: TrainConfig, arch: str, d_in: int, d_sae: int) -> dict:
+    """cfg.json's metadata: where the activations came from (docs/architecture.md, sae/io.py)."""
+    return {
+        "model_name": manifest.get("model"),
+        "hook_name": manifest.get("hook_name") or manifest.get("hook"),
+        "site": manifest.get("site"),
+        "layer": manifest.get("layer"),
+        "cache_dir": str(Path(cfg.cache).resolve()),
+        "context_size": manifest.get("context_size"),
+        "dataset": manifest.get("dataset"),
+        "prepend_bos": True,
+        "arch": arch,
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "train_config": _cfg_dict(cfg),
+    }
+
+
+def _cfg_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint whose JSON (written last, so it marks a complete checkpoint) exists."""
+    found = sorted((out / "checkpoints").glob("step-*.json"))
+    found = [p for p in found if p.with_suffix(".safetensors").is_file()]
+    return found[-1] if found else None
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, res: ResolvedConfig, reader, manifest: dict, out: Path):
+        self.cfg, self.res, self.reader, self.manifest, self.out = cfg, res, reader, manifest, out
+        self.device = torch.device(cfg.device)
+        self.dtype = DTYPES[cfg.dtype]
+        sae_cfg = SAEConfig(cfg.arch, res.d_in, res.d_sae, cfg.k, res.k_aux, cfg.aux_coef)
+        self.sae = SAE(sae_cfg, device=self.device, dtype=self.dtype, seed=cfg.seed)
+        params = list(self.sae.parameters())
+        try:
+            self.opt = torch.optim.Adam(params, lr=res.lr, fused=True)
+        except (RuntimeError, TypeError):  # fused Adam is not built for every device/dtype
+            self.opt = torch.optim.Adam(params, lr=res.lr, foreach=True)
+        self.density = DensityTracker(res.d_sae, cfg.batch_size, res.steps_per_window, self.device)
+        self.step = 0
+        self.elapsed = 0.0
+        self.last_checkpoint: int | None = None
+        self.wandb = None
+
+    # -- schedules (relu_l1_v2: lambda warm-up over 5%, lr decay to 0 over the last 20%) --
+    def lr_at(self, step: int) -> float:
+        if self.cfg.arch != "relu_l1_v2":
+            return self.res.lr
+        S = self.cfg.steps
+        return self.res.lr * min(1.0, (S - step) / max(1.0, 0.2 * S))
+
+    def l1_at(self, step: int) -> float:
+        if self.cfg.arch != "relu_l1_v2":
+            return self.res.l1_coef
+        return self.res.l1_coef * min(1.0, (step + 1) / max(1.0, 0.05 * self.cfg.steps))
+
+    @torch.no_grad()
+    def init_fresh(self) -> None:
+        if self.cfg.arch != "relu_l1_v2":
+            n = min(GEOMEDIAN_ROWS, self.res.n_rows)
+            x = self.reader.sample(n, seed=self.cfg.seed).to(self.device, torch.float32)
+            self.sae.b_dec.copy_(geometric_median(x).to(self.dtype))
+
+    # -- checkpoints --
+    def save_checkpoint(self) -> None:
+        ck = self.out / "checkpoints"
+        ck.mkdir(exist_ok=True)
+        names = dict(self.sae.named_parameters())
+        tensors = {f"sae.{n}": p.detach() for n, p in names.items()}
+        for n, p in names.items():
+            for key, v in self.opt.state.get(p, {}).items():
+                tensors[f"adam.{n}.{key}"] = v
+        tensors.update(self.density.state())
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        stem = ck / f"step-{self.step:08d}"
+        atomic_save_safetensors(stem.with_suffix(".safetensors"), tensors)
+        atomic_write_json(
+            stem.with_suffix(".json"),
+            {
+                "step": self.step,
+                "elapsed_s": self.elapsed,
+                "config": _cfg_dict(self.cfg),
+                "resolved": dataclasses.asdict(self.res),
+            },
+        )
+        self.last_checkpoint = self.step
+        if self.cfg.keep_checkpoints:
+            for old in sorted(ck.glob("step-*.json"))[: -self.cfg.keep_checkpoints]:
+                old.with_suffix(".safetensors").unlink(missing_ok=True)
+                old.unlink(missing_ok=True)
+
+    def load_checkpoint(self, json_path: Path) -> None:
+        meta = json.loads(json_path.read_text())
+        saved = meta["config"]
+        diff = [f for f in RESUME_FIELDS if saved.get(f) != getattr(self.cfg, f)]
+        if diff:
+            changes = ", ".join(f"{f}: {saved.get(f)!r} -> {getattr(self.cfg, f)!r}" for f in diff)
+            raise SaekitError(
+                f"cannot resume {self.out} with different settings ({changes}); use the original flags"
+            )
+        t = load_safetensors(json_path.with_suffix(".safetensors"))
+        names = dict(self.sae.named_parameters())
+        if t["sae.W_enc"].shape != self.sae.W_enc.shape:
+            raise SaekitError(
+                f"checkpoint {json_path.name} has W_enc {tuple(t['sae.W_enc'].shape)} but the cache gives {tuple(self.sae.W_enc.shape)}; resume on the original cache"
+            )
+        with torch.no_grad():
+            for n, p in names.items():
+                p.copy_(t[f"sae.{n}"])
+                state = {
+                    k.split(".")[-1]: v.to(self.device)
+                    for k, v in t.items()
+                    if k.startswith(f"adam.{n}.")
+                }
+                if state:
+                    self.opt.state[p] = state
+        self.density.load_state(t)
+        torch.set_rng_state(t["rng.torch"])
+        if "rng.cuda" in t and torch.cuda.is_available():
+            torch.cuda.set_rng_state(t["rng.cuda"])
+        self.step = meta["step"]
+        self.elapsed = meta["elapsed_s"]
+        self.last_checkpoint = self.step
+        # Drop metrics logged after the checkpoint by the interrupted run.
+        metrics = self.out / "metrics.jsonl"
+        if metrics.is_file():
+            keep = [
+                line
+                for line in metrics.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= self.step
+            ]
+            metrics.write_text("".join(line + "\n" for line in keep))
+
+    # -- the loop --
+    def nan_error(self, what: str) -> SaekitError:
+        kept = (
+            f"the last good checkpoint (step {self.last_checkpoint}) is kept in {self.out / 'checkpoints'}"
+            if self.last_checkpoint is not None
+            else "no checkpoint was written yet"
+        )
+        return SaekitError(
+            f"{what} by step {self.step}; training stopped and {kept}; lower --lr (now {self.res.lr})"
+        )
+
+    def log(self, x, out, loss, fired, metrics_file, pbar) -> dict:
+        """Metrics at a log step: the only place (besides windows/checkpoints) that syncs."""
+        B = x.shape[0]
+        loss_v = loss.item()
+        if not math.isfinite(loss_v):
+            raise self.nan_error(f"the loss became {loss_v}")
+        var = (x - x.mean(0)).pow(2).sum(-1).mean()
+        dens, _ = self.density.recent_density(self.res.steps_per_window * self.cfg.batch_size)
+        dead = dens <= self.cfg.dead_threshold
+        rare = ~dead & (dens < self.cfg.ultra_rare_threshold)
+        m = {
+            "step": self.step,
+            "tokens": self.step * self.cfg.batch_size,
+            "elapsed_s": round(self.elapsed, 3),
+            "loss": loss_v,
+            "mse": out.mse.item(),
+            "sparsity": out.sparsity.item(),
+            "l0": fired.sum().item() / B,
+            "fvu": (out.mse / var).item(),
+            "dead": int(dead.sum()),
+            "ultra_rare": int(rare.sum()),
+            "lr": self.lr_at(self.step - 1),
+            "l1_coef": self.l1_at(self.step - 1),
+        }
+        if self.cfg.arch == "topk":
+            m["aux"] = out.aux.item()
+        metrics_file.write(json.dumps(m) + "\n")
+        metrics_file.flush()
+        if self.wandb is not None:
+            self.wandb.log(m, step=self.step)
+        pbar.set_postfix(loss=f"{loss_v:.4g}", l0=f"{m['l0']:.1f}", dead=m["dead"], refresh=False)
+        return m
+
+    def train_step(self, x: torch.Tensor) -> StepOutput:
+        """One step on batch x (in cache units): loss and gradients, decoder-gradient projection,
+        Adam, decoder renormalisation, firing counts added to the history. No host sync."""
+        cfg, res, sae = self.cfg, self.res, self.sae
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(self.step)
+        if res.input_scale != 1.0:
+            x = x * res.input_scale
+        use_aux = cfg.arch == "topk" and cfg.aux_coef > 0
+        dead_mask = self.density.dead_mask(self.step, res.dead_window) if use_aux else None
+        out = sae.forward_backward(x, self.l1_at(self.step), dead_mask)
+        if sae.unit_decoder:
+            sae.remove_parallel_decoder_grad()
+        if cfg.arch == "relu_l1_v2":
+            torch.nn.utils.clip_grad_norm_(list(sae.parameters()), 1.0)
+        self.opt.step()
+        if sae.unit_decoder:
+            sae.normalize_decoder()
+        self.step += 1
+        self.density.update(out.fired, self.step)
+        return out
+
+    def fit(self) -> dict:
+        cfg, res, sae, dens = self.cfg, self.res, self.sae, self.density
+        S = cfg.steps
+        resample_at = set(res.resample_steps)
+        params = list(sae.parameters())
+        last: dict = {}
+        pbar = tqdm(total=S, initial=self.step, desc="train", unit="step", file=sys.stderr)
+        metrics_file = open(self.out / "metrics.jsonl", "a")
+        t0 = time.perf_counter() - self.elapsed
+        try:
+            for x in self.reader.batches(start_batch=self.step):
+                if self.step >= S:
+                    break
+                out = self.train_step(x)
+                loss, fired = out.loss, out.fired
+                pbar.update(1)
+
+                if self.step in resample_at:
+                    self.resample()
+                if self.step == S:
+                    dens.flush(self.step)
+                if self.step % cfg.log_every == 0 or self.step == S:
+                    self.elapsed = time.perf_counter() - t0
+                    x_in = x * res.input_scale if res.input_scale != 1.0 else x
+                    last = self.log(x_in, out, loss, fired, metrics_file, pbar)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < S:
+                    if not (torch.isfinite(loss) and all(torch.isfinite(p).all() for p in params)):
+                        raise self.nan_error("the loss or weights became NaN/inf")
+                    self.elapsed = time.perf_counter() - t0
+                    self.save_checkpoint()
+        finally:
+            metrics_file.close()
+            pbar.close()
+        self.elapsed = time.perf_counter() - t0
+        if not all(torch.isfinite(p).all() for p in params):
+            raise self.nan_error("the weights became NaN/inf")
+        return last
+
+    def resample(self) -> None:
+        cfg, res = self.cfg, self.res
+        dead = self.density.dead_mask(self.step, res.dead_window)
+        gen = torch.Generator().manual_seed(_event_seed(cfg.seed, self.step))
+        inputs = self.reader.sample(res.resample_inputs, seed=_event_seed(cfg.seed, self.step))
+        inputs = inputs.to(self.device, self.dtype) * res.input_scale
+        r = anthropic_resample(
+            self.sae,
+            self.opt,
+            inputs,
+            dead,
+            self.density.control_mask,
+            cfg.resample_holdout,
+            self.l1_at(self.step),
+            gen,
+        )
+        self.density.record_event(self.step, r.resampled, r.held_out)
+        tqdm.write(
+            f"step {self.step}: resampled {int(r.resampled.sum())} dead features, held out {int(r.held_out.sum())}",
+            file=sys.stderr,
+        )
+
+    def finish(self, last: dict) -> None:
+        cfg, res = self.cfg, self.res
+        meta = sae_metadata(self.manifest, cfg, cfg.arch, res.d_in, res.d_sae)
+        save_sae(self.sae, self.out, meta, input_scale=res.input_scale)
+        dens, tokens = self.density.recent_density(res.steps_per_window * cfg.batch_size)
+        atomic_save_safetensors(
+            self.out / "sparsity.safetensors",
+            {"sparsity": torch.log10(dens + 1e-10).float()},
+            {"tokens": str(tokens)},
+        )
+        self.density.save(
+            self.out / "density_history.safetensors",
+            {
+                "density_window": str(res.steps_per_window * cfg.batch_size),
+                "batch_size": str(cfg.batch_size),
+                "d_sae": str(res.d_sae),
+                "dead_window_steps": str(res.dead_window),
+            },
+        )
+
+
+def _prepare_out(cfg: TrainConfig) -> tuple[Path, Path | None, bool]:
+    """Check --out against --resume/--overwrite; returns (out, checkpoint to resume, created)."""
+    out = Path(cfg.out)
+    nonempty = out.is_dir() and any(out.iterdir())
+    if out.exists() and not out.is_dir():
+        raise SaekitError(f"--out {out} is a file; pass a directory")
+    if cfg.resume:
+        ckpt = _latest_checkpoint(out) if out.is_dir() else None
+        if (out / "sae_weights.safetensors").is_file():
+            raise SaekitError(
+                f"the run in {out} already finished; drop --resume or use a new --out"
+            )
+        if ckpt is None:
+            raise SaekitError(f"--resume: {out} holds no checkpoint; drop --resume to start anew")
+        return out, ckpt, False
+    if nonempty and not cfg.overwrite:
+        raise SaekitError(
+            f"--out {out} is not empty; pass --resume to continue it, --overwrite to replace it, or another --out"
+        )
+    return out, None, not nonempty and not out.exists()
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train an SAE on `cfg.cache` and write the run dir `cfg.out`; returns its path."""
+    from activations.cache import CacheReader, read_manifest
+
+    if not Path(cfg.cache).is_dir():
+        raise SaekitError(f"--cache {cfg.cache} is not a directory; build one with `saekit cache`")
+    manifest = read_manifest(cfg.cache)
+    if manifest.get("complete") is False:
+        raise SaekitError(
+            f"cache {cfg.cache} is incomplete; finish it by re-running `saekit cache`"
+        )
+    d_in, mean_norm, n_rows = _manifest_info(manifest)
+    res = cfg.resolve(d_in, mean_norm, n_rows)
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        raise SaekitError(f"--device {cfg.device} is not a torch device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SaekitError(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
+    wandb = None
+    if cfg.wandb_project:
+        try:
+            import wandb
+        except ImportError:
+            raise SaekitError(
+                "--wandb-project needs wandb: `pip install wandb` (or drop the flag)"
+            ) from None
+    out, ckpt, _ = _prepare_out(cfg)
+    reader = CacheReader(
+        cfg.cache, cfg.batch_size, seed=cfg.seed, device=cfg.device, dtype=DTYPES[cfg.dtype]
+    )
+    created = not out.exists()
+    if cfg.overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, res, reader, manifest, out)
+    try:
+        if ckpt is not None:
+            trainer.load_checkpoint(ckpt)
+        else:
+            trainer.init_fresh()
+        if wandb is not None:
+            trainer.wandb = wandb.init(
+                project=cfg.wandb_project, config=_cfg_dict(cfg), dir=str(out), resume="allow"
+            )
+        last = trainer.fit()
+        trainer.finish(last)
+    except SaekitError:
+        # Bad input found while reading (e.g. a corrupt shard): leave no half-written run dir.
+        if (created or cfg.overwrite) and trainer.last_checkpoint is None:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        if trainer.wandb is not None:
+            trainer.wandb.finish()
+    print(
+        f"saekit train: {cfg.arch} d_sae={res.d_sae} {trainer.step} steps "
+        f"({trainer.step * cfg.batch_size:,} tokens) in {trainer.elapsed:.1f}s; "
+        f"fvu={last.get('fvu', float('nan')):.4f} l0={last.get('l0', float('nan')):.1f} "
+        f"dead={last.get('dead')}/{res.d_sae}; wrote {out}",
+        file=sys.stderr,
+    )
+    return out
