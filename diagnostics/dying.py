@@ -12,6 +12,7 @@ p < alpha); otherwise it "settles". Fewer than `min_points` nonzero windows: "to
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -35,6 +36,9 @@ class DyingTest(NamedTuple):
     outcome: np.ndarray  # [F] str: one of OUTCOMES, or "" for non-members
     fit: LogDensityFit
     start_step: np.ndarray  # [F] the step the feature's current segment began at
+    steps: np.ndarray  # [W'] end step of each pooled window
+    log_density: np.ndarray  # [W', F] log10 density per pooled window (-inf: no firings)
+    window_tokens: np.ndarray  # [W'] tokens in each pooled window
 
 
 def _betacf(a: np.ndarray, b: np.ndarray, x: np.ndarray, iters: int = 300) -> np.ndarray:
@@ -146,12 +150,35 @@ def segment_start(
     return last.astype(np.int64)
 
 
-def log_density(counts: torch.Tensor, window_tokens: torch.Tensor) -> np.ndarray:
-    """log10(counts / tokens) per window and feature; -inf where a feature did not fire."""
-    c = counts.cpu().numpy().astype(np.float64)
-    tok = window_tokens.cpu().numpy().astype(np.float64)[:, None]
-    with np.errstate(divide="ignore"):
-        return np.log10(c / tok)
+def pool_windows(
+    counts: torch.Tensor,
+    window_tokens: torch.Tensor,
+    window_end_step: torch.Tensor,
+    resample_steps: torch.Tensor,
+    min_tokens: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge adjacent windows, from the end backwards, until each holds >= min_tokens tokens,
+    never across a resampling event (so every pooled window lies inside one segment). Returns
+    (counts [W', F], tokens [W'], end steps [W'])."""
+    c = counts.cpu().numpy()
+    tok = window_tokens.cpu().numpy().astype(np.int64)
+    end = window_end_step.cpu().numpy().astype(np.int64)
+    events = resample_steps.cpu().numpy()
+    starts: list[int] = []  # first window of each pooled window, last pooled window first
+    acc = 0
+    for w in range(len(tok) - 1, -1, -1):
+        acc += int(tok[w])
+        # An event s between windows w-1 and w (end[w-1] <= s < end[w]) closes the group at w.
+        event_before = w > 0 and bool(((events >= end[w - 1]) & (events < end[w])).any())
+        if acc >= min_tokens or event_before or w == 0:
+            starts.append(w)
+            acc = 0
+    starts.reverse()
+    if len(starts) == len(tok):
+        return c, tok, end
+    idx = np.array(starts)
+    ends = np.append(idx[1:], len(tok)) - 1
+    return np.add.reduceat(c, idx, axis=0), np.add.reduceat(tok, idx), end[ends]
 
 
 def dying_test(
@@ -165,19 +192,26 @@ def dying_test(
     last_windows: int = 3,
     alpha: float = 0.01,
     min_points: int = 3,
+    min_window_tokens: int | None = None,
 ) -> DyingTest:
     """Run the dying test on a density history (the tensors of density_history.safetensors).
 
+    Windows are first pooled to at least `min_window_tokens` tokens each (default
+    3 / rare_threshold: a feature at the rare threshold then expects 3 firings per window, so
+    zero firings in `last_windows` windows happens by chance with probability e^-9).
     Members: the control group, plus every feature whose density was above 0 and below
     `rare_threshold` in some window of its current segment, or that fired in its segment and
     then had zero firings in all of its last `last_windows` windows.
     """
-    n_w, n_f = counts.shape
-    steps = window_end_step.cpu().numpy().astype(np.int64)
+    if min_window_tokens is None:
+        min_window_tokens = math.ceil(3 / rare_threshold)
+    c, tok, steps = pool_windows(
+        counts, window_tokens, window_end_step, resample_steps, min_window_tokens
+    )
+    n_w, n_f = c.shape
     start = segment_start(n_f, resample_steps, resampled)
     in_seg = steps[:, None] > start[None, :]  # [W, F]
-    c = counts.cpu().numpy()
-    dens = c / window_tokens.cpu().numpy().astype(np.float64)[:, None]
+    dens = c / tok.astype(np.float64)[:, None]
     fired = in_seg & (c > 0)
     rare_somewhere = (in_seg & (dens > 0) & (dens < rare_threshold)).any(0)
     # The last `last_windows` windows of each feature's segment: all of them must be zero.
@@ -188,14 +222,16 @@ def dying_test(
     ever_fired = fired.any(0)
     members = control | rare_somewhere | (died & ever_fired)
 
-    fit = fit_log_density(log_density(counts, window_tokens), steps, fired)
+    with np.errstate(divide="ignore"):
+        logd = np.log10(dens)
+    fit = fit_log_density(logd, steps, fired)
     outcome = np.full(n_f, "", dtype=object)
     outcome[members] = "settles"
     outcome[members & (fit.p_falling < alpha)] = "keeps_falling"
     outcome[members & ~(fit.n >= min_points)] = "too_few_points"
     outcome[members & died] = "died"
     group = np.where(control, "control", np.where(members, "rare", "")).astype(object)
-    return DyingTest(members, group, outcome, fit, start)
+    return DyingTest(members, group, outcome, fit, start, steps, logd, tok)
 
 
 def summarize(test: DyingTest, alpha: float = 0.01) -> dict:
@@ -211,6 +247,9 @@ def summarize(test: DyingTest, alpha: float = 0.01) -> dict:
     out["test"] = f"{TEST_NAME}, p < {alpha:g}"
     out["alpha"] = alpha
     out["by_group"] = {g: counts_of(test.group == g) for g in ("control", "rare")}
+    out["n_windows"] = len(test.steps)
+    out["window_tokens_min"] = int(test.window_tokens.min()) if len(test.steps) else None
+    out["window_tokens_max"] = int(test.window_tokens.max()) if len(test.steps) else None
     n, cnt = out["n"], out["counts"]
     if n == 0:
         verdict = (

@@ -100,6 +100,10 @@ class DiagnoseConfig:
     window since their last resampling are tested"""
     dying_windows: int = 3
     """dying test: a feature with zero firings in all of its last this-many windows died"""
+    dying_window_tokens: int | None = None
+    """dying test: pool training windows (never across a resampling) to at least this many
+    tokens each (default: 3 / rare-threshold, so a feature at the rare threshold expects 3
+    firings per window)"""
     alpha: float = 0.01
     """dying test: significance level of the one-sided t-test on the slope"""
     features: list[int] = field(default_factory=list)
@@ -473,6 +477,7 @@ def diagnose(cfg: DiagnoseConfig) -> Path:
             rare_threshold=cfg.rare_threshold,
             last_windows=cfg.dying_windows,
             alpha=cfg.alpha,
+            min_window_tokens=cfg.dying_window_tokens,
         )
         slope = dtest.fit.slope
         dying_summary = dying.summarize(dtest, cfg.alpha)
@@ -573,7 +578,11 @@ def diagnose(cfg: DiagnoseConfig) -> Path:
         "logit_weights": logit_info,
         "shown_features": chosen,
         "warnings": warnings,
-        "csv_conventions": "log10_density is -inf for zero firings; empty field = not computable",
+        "csv_conventions": (
+            "log10_density is -inf for zero firings; empty field = not computable; density_slope "
+            "is the OLS slope of log10 density per training step over the dying test's pooled "
+            "windows since the feature's last resampling in which it fired"
+        ),
     }
 
     # report.html
@@ -752,8 +761,11 @@ def render_html(
             note += f" Adjacent windows pooled into {MAX_HEAT_COLS} columns."
         figs.append(("Density over training", f, note))
 
-        ld_full = _log_density(hist.counts.numpy(), hist.window_tokens.numpy())
-        all_steps = hist.window_end_step.numpy()
+    if dtest is not None:
+        # Trajectories use the dying test's pooled windows (each large enough to resolve the
+        # rare threshold), not the raw training windows.
+        ld_full = np.where(np.isfinite(dtest.log_density), dtest.log_density, np.nan)
+        all_steps = dtest.steps
         f = go.Figure()
         rare = np.flatnonzero((classes == ULTRA_RARE) & ~hist.control_mask.numpy())
         groups = (
@@ -784,14 +796,14 @@ def render_html(
             (
                 "Rare and control-group features over training",
                 f,
-                f"Up to {MAX_LINES} features per group; gaps are windows with zero firings; dotted lines are resampling events.",
+                f"Up to {MAX_LINES} features per group, over the dying test's pooled windows "
+                f"({int(dtest.window_tokens.min())}-{int(dtest.window_tokens.max())} tokens each); "
+                "gaps are windows with zero firings; dotted lines are resampling events.",
             )
         )
 
-    if dtest is not None:
         f = go.Figure()
-        steps = hist.window_end_step.numpy().astype(np.float64)
-        ld_full = _log_density(hist.counts.numpy(), hist.window_tokens.numpy())
+        steps = all_steps.astype(np.float64)
         for outcome in dying.OUTCOMES:
             idx = np.flatnonzero(dtest.outcome == outcome)
             idx = np.sort(rng.permutation(idx)[:MAX_LINES])

@@ -242,12 +242,15 @@ class SAE(nn.Module):
         return ForwardOutput(recon, f, None, mse, sparsity, zero)
 
     # -- training: loss and gradients without autograd --
-    def _buf(self, name: str, shape: tuple[int, ...], fill: float | None = None) -> Tensor:
+    def _buf(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None, fill=None
+    ) -> Tensor:
         """A work buffer kept across calls (re-made when the shape, dtype or device changes)."""
         t = self._work.get(name)
         W = self.W_enc
-        if t is None or t.shape != shape or t.dtype != W.dtype or t.device != W.device:
-            t = self._work[name] = torch.empty(shape, dtype=W.dtype, device=W.device)
+        dtype = dtype or W.dtype
+        if t is None or t.shape != shape or t.dtype != dtype or t.device != W.device:
+            t = self._work[name] = torch.empty(shape, dtype=dtype, device=W.device)
             if fill is not None:
                 t.fill_(fill)
         return t
@@ -351,25 +354,31 @@ class SAE(nn.Module):
         else:
             g_rows, x_rows = err.mul_(2 / B), x_c
         R = g_rows.shape[0]
-        col, act = torch.cat(cols), torch.cat(acts)
+        # torch's sparse kernels take float32/64 only: other dtypes (bfloat16) go via float32.
+        cd = W_dec.dtype if W_dec.dtype in (torch.float32, torch.float64) else torch.float32
+        col, act = torch.cat(cols), torch.cat(acts).to(cd)
+        g_rows, x_rows = g_rows.to(cd), x_rows.to(cd)
         row = torch.repeat_interleave(torch.cat(counts))
         crow = F.pad(torch.cumsum(torch.cat(counts), 0), (1, 0))
         S = _csr(crow, col, act, (R, m))
         # dL/da for each kept latent: g_r . W_dec[i], only at the sampled (r, i); ReLU-masked.
-        g_act = torch.sparse.sampled_addmm(S, g_rows, W_dec.t(), beta=0).values()
+        g_act = torch.sparse.sampled_addmm(S, g_rows, W_dec.to(cd).t(), beta=0).values()
         g_act.mul_(act > 0)
         # The transposed pattern (latent-major) for the weight gradients.
         order = _sort_order(col)
         crow_t = F.pad(torch.cumsum(torch.bincount(col, minlength=m), 0), (1, 0))
         row_t = row[order]
         S_act = _csr(crow_t, row_t, act[order], (m, R))
-        torch.addmm(W_dec.grad, S_act, g_rows, beta=0, out=W_dec.grad)
+        g_dec = W_dec.grad if cd == W_dec.dtype else self._buf("g_dec", (m, x.shape[1]), cd)
+        torch.addmm(g_dec, S_act, g_rows, beta=0, out=g_dec)
+        if g_dec is not W_dec.grad:
+            W_dec.grad.copy_(g_dec)
         S_g = _csr(crow_t, row_t, g_act[order], (m, R))
-        g_enc_t = self._buf("g_enc_t", (m, x.shape[1]))
+        g_enc_t = self._buf("g_enc_t", (m, x.shape[1]), cd)
         torch.addmm(g_enc_t, S_g, x_rows, beta=0, out=g_enc_t)
         W_enc.grad.copy_(g_enc_t.t())
-        b_enc.grad.zero_().index_add_(0, col, g_act)
-        torch.sum(g_rows[:B], 0, out=b_dec.grad)
+        b_enc.grad.copy_(g_act.new_zeros(m).index_add_(0, col, g_act))
+        b_dec.grad.copy_(g_rows[:B].sum(0))
         b_dec.grad.addmv_(W_enc, b_enc.grad, alpha=-1)
         return StepOutput(mse + self.cfg.aux_coef * aux, mse, zero, aux, fired)
 
@@ -390,7 +399,9 @@ class SAE(nn.Module):
         """Project out the gradient component along each (unit) decoder row before the step."""
         g, w = self.W_dec.grad, self.W_dec
         if g is not None:
-            g.sub_((g * w).sum(dim=1, keepdim=True) * w)
+            # Row-wise dots as a batched matmul: no [d_sae, d_in] temporaries.
+            dots = torch.bmm(g.unsqueeze(1), w.unsqueeze(2)).view(-1, 1)
+            g.addcmul_(dots, w, value=-1)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -62,7 +62,12 @@ def write_cache(out: Path, n_rows: int = 65_536, shard_rows: int = 8192, seed: i
         name = f"shard-{i:05d}.safetensors"
         (out / name).write_bytes(data)
         shards.append(
-            {"file": name, "rows": n, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            {
+                "file": name,
+                "rows": n,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
         )
     manifest = {
         "format": "saekit-activation-cache", "format_version": 1, "model": "synthetic",
@@ -88,9 +93,10 @@ def make_trainer(cache: Path, out: Path, **kw) -> Trainer:
     return trainer
 
 
-def step_fn(trainer: Trainer) -> Callable[[], StepOutput]:
+def step_fn(trainer: Trainer) -> tuple[Callable[[], StepOutput], Callable[[], None]]:
+    """The trainer's full step on the reader's next batch, and a function closing the reader."""
     batches = trainer.reader.batches(start_batch=trainer.step)
-    return lambda: trainer.train_step(next(batches))
+    return (lambda: trainer.train_step(next(batches))), batches.close
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -115,7 +121,11 @@ def bare_matmuls(sae: SAE) -> Callable[[], None]:
     d_sae = W_enc.shape[1]
     x, g = torch.randn(BATCH, D_IN), torch.randn(BATCH, D_IN)
     f, g_pre = torch.rand(BATCH, d_sae), torch.randn(BATCH, d_sae)
-    recon, dW_dec, dW_enc = torch.empty(BATCH, D_IN), torch.empty_like(W_dec), torch.empty_like(W_enc)
+    recon, dW_dec, dW_enc = (
+        torch.empty(BATCH, D_IN),
+        torch.empty_like(W_dec),
+        torch.empty_like(W_enc),
+    )
 
     def run() -> None:
         torch.mm(x, W_enc, out=f)
@@ -172,7 +182,9 @@ def topk_pair(cache: Path, tmp: Path, name: str, dead_frac: float, reps: int, wa
         for t in (ours, dense):
             with torch.no_grad():
                 t.sae.b_enc[dead] = -1000.0
-    (t_ours, t_dense) = interleaved([step_fn(ours), step_fn(dense)], reps, warmup)
+    (ours_step, ours_close), (dense_step, dense_close) = step_fn(ours), step_fn(dense)
+    t_ours, t_dense = interleaved([ours_step, dense_step], reps, warmup)
+    ours_close(), dense_close()
     return statistics.median(t_ours), statistics.median(t_dense)
 
 
@@ -188,13 +200,15 @@ def main() -> None:
         cache = write_cache(tmp / "cache")
 
         trainer = make_trainer(cache, tmp / "relu", arch="relu_l1", features=4096)
-        t_step, t_mm = interleaved([step_fn(trainer), bare_matmuls(trainer.sae)], a.reps, a.warmup)
+        full_step, close = step_fn(trainer)
+        t_step, t_mm = interleaved([full_step, bare_matmuls(trainer.sae)], a.reps, a.warmup)
         step, mm = statistics.median(t_step), statistics.median(t_mm)
         print(
             f"relu_l1 d_in {D_IN}, 4096 features, batch {BATCH}: full step {step:.3f} s "
             f"(mean {statistics.mean(t_step):.3f}), five bare matmuls {mm:.3f} s; "
             f"matmuls / step = {mm / step:.3f} (target >= 0.9)"
         )
+        close()
         del trainer
 
         for name, frac in (("topk", 0.0), ("topk-auxk", 0.05)):

@@ -94,7 +94,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         help_text = docs.get(f.name, "")
         help_text += " (required)" if required else f" (default: {default})"
-        kwargs: dict[str, Any] = {"help": help_text.strip(), "dest": f.name, "default": default}
+        kwargs: dict[str, Any] = {"help": help_text.strip().replace("%", "%%"), "dest": f.name, "default": default}
         origin = typing.get_origin(tp)
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -136,7 +136,8 @@ def read_config_file(path: str) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `verb`'s flags are built, so `saekit --help` imports no verb's module."""
     parser = argparse.ArgumentParser(
         prog="saekit",
         description="Train sparse autoencoders on transformer activations and study their features.",
@@ -144,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, config_spec, _run) in COMMANDS.items():
+        if name != verb:
+            sub.add_parser(name, help=help_text, add_help=False)
+            continue
         cls = _resolve(config_spec)
         p = sub.add_parser(
             name,
@@ -162,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None) -> tuple[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(verb if verb in COMMANDS else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -45,7 +45,7 @@ class RareFeatureConfig:
     """fraction of each resampling's picks left alone as the control group"""
     density_window: int = 65_536
     """tokens per density-history window"""
-    pool_tokens: int = 900_000
+    pool_tokens: int = 1_000_000
     """the report pools the last windows until they hold this many tokens (1e6 resolves 1e-6)"""
     seed: int = 0
     """seed for the cache order, initialisation and resampling"""

@@ -571,3 +571,16 @@ def test_cli_diagnose_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("saekit: error: --run") and "\n" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_dying_test_pools_small_windows_but_never_across_a_resampling():
+    # 10 windows of 100 tokens ending at steps 1..10; a resampling event after step 6.
+    counts = torch.arange(10)[:, None].repeat(1, 2)
+    c, tok, end = dying.pool_windows(
+        counts, torch.full((10,), 100), torch.arange(1, 11), torch.tensor([6]), 300
+    )
+    # Pooled backwards from the end to >= 300 tokens; the event cuts the window ending at 7
+    # (the first after it) off from the ones before.
+    assert end.tolist() == [3, 6, 7, 10]
+    assert tok.tolist() == [300, 300, 100, 300]
+    assert c[:, 0].tolist() == [0 + 1 + 2, 3 + 4 + 5, 6, 7 + 8 + 9]

@@ -10,6 +10,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from diagnostics.report import DiagnoseConfig, diagnose
 from tests.test_diagnostics import make_big_run, planted_geometry, planted_history, write_run
@@ -140,6 +141,7 @@ def test_report_opens_offline_in_chromium(tmp_path):
     check_report(out / "report.html", tmp_path)
 
 
+@pytest.mark.slow  # ~45 s: a 16k-feature page with a 3-D WebGL scatter, rendered twice
 def test_16k_feature_report_is_small_and_opens(tmp_path):
     make_big_run(tmp_path / "run")
     out = diagnose(DiagnoseConfig(run=str(tmp_path / "run"), out=str(tmp_path / "rep")))
