@@ -131,10 +131,11 @@ def site_mean(
 
     for i in range(0, len(tokens), batch_size):
         toks = tokens[i : i + batch_size].to(device)
-        # Only the blocks up to the hook's are needed.
-        stop = layer + 1 if layer is not None and layer + 1 < model.cfg.n_layers else None
-        with model.hooks(fwd_hooks=[(hook_name, grab)]):
-            model(toks, stop_at_layer=stop) if stop is not None else model(toks)
+        # Only the blocks up to the hook's are needed (stop_at_layer skips ln_final and W_U).
+        if layer is not None:
+            model.run_with_hooks(toks, fwd_hooks=[(hook_name, grab)], stop_at_layer=layer + 1)
+        else:
+            model.run_with_hooks(toks, fwd_hooks=[(hook_name, grab)])
         x = store["x"]
         mask = toks != bos_id if bos_id is not None else torch.ones_like(toks, dtype=torch.bool)
         s = x[mask].double().sum(0)
@@ -194,11 +195,15 @@ def splice_metrics(
         for name, xr in variants.items():
             store["replace"] = xr
             logits = model.run_with_hooks(toks, fwd_hooks=[(hook_name, put)])
-            ce_v, logp_v = _ce_and_logp(logits, toks)
-            ce[name] += ce_v[loss_mask].double().sum().item()
             if name == "spliced":
+                ce_v, logp_v = _ce_and_logp(logits, toks)
                 kl_tok = (logp_clean.exp() * (logp_clean - logp_v)).sum(-1)
                 kl += kl_tok[loss_mask].double().sum().item()
+            else:  # fused and cheaper: the full log-probs are only needed for the KL
+                ce_v = F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), toks[:, 1:].flatten(), reduction="none"
+                ).view_as(loss_mask)
+            ce[name] += ce_v[loss_mask].double().sum().item()
         n_loss += int(loss_mask.sum())
 
     out = rec.result()

@@ -7,7 +7,8 @@ train one SAE per site with the same budget, and compare them in one report.
 
 Same budget: every site gets the same tokens, steps, batch size and number of features.
 Comparable sparsity: relu_l1 with the trainer's L1 convention, λ = c · mean_norm / sqrt(d_in),
-i.e. the same c for inputs normalised to mean norm sqrt(d_in) (Anthropic / SAELens). We keep
+i.e. the same c for inputs normalised to mean norm sqrt(d_in) (Anthropic / SAELens); c = 1.5
+(half the trainer's default, which killed half the features of a short mlp_post run). We keep
 relu_l1 rather than topk with a shared k because topk fixes L0 but removes the mechanism the
 question is about: ultra-rare features come from the L1 penalty shrinking features plus
 resampling; under topk + AuxK they do not arise the same way. L0 is reported per site so the
@@ -67,7 +68,7 @@ class CompareSitesConfig:
     """training steps, the same for every site"""
     batch_size: int = 1024
     """activations per step"""
-    l1_coef: float = 3.0
+    l1_coef: float = 1.5
     """L1 coefficient for inputs of mean norm sqrt(d_in); each site's λ is this times its cache's mean_norm / sqrt(d_in)"""
     holdout: float = 0.0
     """fraction of each resampling's picks held out as a control group"""

@@ -29,14 +29,15 @@ class DemoConfig:
     """output dir: cache/, run/ and report/ go under it"""
     tokens: int = 800_000
     """activations (tokens) to cache (the default corpus' train split holds ~950k at context 128)"""
-    steps: int = 1000
+    steps: int = 600
     """training steps"""
     batch_size: int = 2048
     """activations per training step"""
-    features: int = 2048
+    features: int = 1024
     """number of SAE features"""
-    l1_coef: float | None = None
-    """L1 coefficient (default: the trainer's default for relu_l1)"""
+    l1_coef: float = 0.7
+    """L1 coefficient (in the cache's units; about half the trainer's default, which leaves FVU
+    above 0.2 at this short budget)"""
     holdout: float = 0.5
     """fraction of each resampling's dead features left alone as a control group"""
     eval_tokens: int = 65_536

@@ -33,12 +33,12 @@ class RareFeatureConfig:
     """tokens to cache (training cycles over them)"""
     features: int = 4096
     """SAE features (Anthropic's A/1: 4,096)"""
-    steps: int = 3000
+    steps: int = 2400
     """training steps"""
     batch_size: int = 1024
     """activations per step"""
-    l1_coef: float | None = None
-    """L1 coefficient (default: the trainer's default for relu_l1)"""
+    l1_coef: float = 1.2
+    """L1 coefficient in the cache's units (the trainer's default here would be ~1.7)"""
     resample_at: list[float] = field(default_factory=lambda: [0.15, 0.3, 0.45, 0.6])
     """fractions of training at which to resample (the last one leaves time to watch trends)"""
     holdout: float = 0.5

@@ -10,7 +10,7 @@ from activations.corpus import load_texts, tokenize_contexts
 from activations.models import load_model
 from diagnostics.evaluate import EvaluateConfig, evaluate, splice_metrics
 
-TOKENS = 16 * 256
+TOKENS = 8 * 256
 
 
 @pytest.fixture(scope="module")

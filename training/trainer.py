@@ -23,8 +23,10 @@ from tqdm import tqdm
 from sae.errors import SaekitError
 from sae.io import atomic_save_safetensors, atomic_write_json, load_safetensors, save_sae
 from sae.model import SAE, SAEConfig, StepOutput, geometric_median
+from training import distributed
 from training.config import GEOMEDIAN_ROWS, ResolvedConfig, TrainConfig
 from training.density import DensityTracker
+from training.distributed import ReducedDensityTracker, World, average_grads, local_slices
 from training.resample import anthropic_resample
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -82,8 +84,19 @@ def _latest_checkpoint(out: Path) -> Path | None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, res: ResolvedConfig, reader, manifest: dict, out: Path):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        res: ResolvedConfig,
+        reader,
+        manifest: dict,
+        out: Path,
+        world: World | None = None,
+    ):
         self.cfg, self.res, self.reader, self.manifest, self.out = cfg, res, reader, manifest, out
+        self.world = (
+            world or World()
+        )  # data-parallel ranks (training/distributed.py); only rank 0 writes
         self.device = torch.device(cfg.device)
         self.dtype = DTYPES[cfg.dtype]
         sae_cfg = SAEConfig(cfg.arch, res.d_in, res.d_sae, cfg.k, res.k_aux, cfg.aux_coef)
@@ -93,7 +106,8 @@ class Trainer:
             self.opt = torch.optim.Adam(params, lr=res.lr, fused=True)
         except (RuntimeError, TypeError):  # fused Adam is not built for every device/dtype
             self.opt = torch.optim.Adam(params, lr=res.lr, foreach=True)
-        self.density = DensityTracker(res.d_sae, cfg.batch_size, res.steps_per_window, self.device)
+        tracker = ReducedDensityTracker if world.size > 1 else DensityTracker
+        self.density = tracker(res.d_sae, cfg.batch_size, res.steps_per_window, self.device)
         self.step = 0
         self.elapsed = 0.0
         self.last_checkpoint: int | None = None
@@ -120,6 +134,10 @@ class Trainer:
 
     # -- checkpoints --
     def save_checkpoint(self) -> None:
+        density_state = self.density.state()  # a collective when distributed: every rank calls it
+        self.last_checkpoint = self.step
+        if not self.world.main:
+            return
         ck = self.out / "checkpoints"
         ck.mkdir(exist_ok=True)
         names = dict(self.sae.named_parameters())
@@ -127,7 +145,7 @@ class Trainer:
         for n, p in names.items():
             for key, v in self.opt.state.get(p, {}).items():
                 tensors[f"adam.{n}.{key}"] = v
-        tensors.update(self.density.state())
+        tensors.update(density_state)
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -182,7 +200,7 @@ class Trainer:
         self.last_checkpoint = self.step
         # Drop metrics logged after the checkpoint by the interrupted run.
         metrics = self.out / "metrics.jsonl"
-        if metrics.is_file():
+        if metrics.is_file() and self.world.main:
             keep = [
                 line
                 for line in metrics.read_text().splitlines()
@@ -204,10 +222,13 @@ class Trainer:
     def log(self, x, out, loss, fired, metrics_file, pbar) -> dict:
         """Metrics at a log step: the only place (besides windows/checkpoints) that syncs."""
         B = x.shape[0]
+        if self.world.size > 1:
+            loss, out, fired, var, B = self._reduce_log_values(x, out, loss, fired)
+        else:
+            var = (x - x.mean(0)).pow(2).sum(-1).mean()
         loss_v = loss.item()
         if not math.isfinite(loss_v):
             raise self.nan_error(f"the loss became {loss_v}")
-        var = (x - x.mean(0)).pow(2).sum(-1).mean()
         dens, _ = self.density.recent_density(self.res.steps_per_window * self.cfg.batch_size)
         dead = dens <= self.cfg.dead_threshold
         rare = ~dead & (dens < self.cfg.ultra_rare_threshold)
@@ -227,12 +248,29 @@ class Trainer:
         }
         if self.cfg.arch == "topk":
             m["aux"] = out.aux.item()
+        if metrics_file is None:  # not rank 0
+            return m
         metrics_file.write(json.dumps(m) + "\n")
         metrics_file.flush()
         if self.wandb is not None:
             self.wandb.log(m, step=self.step)
         pbar.set_postfix(loss=f"{loss_v:.4g}", l0=f"{m['l0']:.1f}", dead=m["dead"], refresh=False)
         return m
+
+    def _reduce_log_values(self, x, out, loss, fired):
+        """The log step's loss terms, firing counts and input variance over all ranks' slices."""
+        B = x.shape[0]
+        xd = x.double()
+        terms = torch.stack([loss, out.mse, out.sparsity, out.aux]).double() * B
+        sums = torch.cat([terms, xd.pow(2).sum().view(1), xd.sum(0)])
+        torch.distributed.all_reduce(sums)
+        fired = fired.clone()
+        torch.distributed.all_reduce(fired)
+        B *= self.world.size
+        sums /= B
+        loss, mse, sparsity, aux = sums[:4]
+        var = sums[4] - sums[5:].pow(2).sum()
+        return loss, out._replace(mse=mse, sparsity=sparsity, aux=aux), fired, var, B
 
     def train_step(self, x: torch.Tensor) -> StepOutput:
         """One step on batch x (in cache units): loss and gradients, decoder-gradient projection,
@@ -245,6 +283,8 @@ class Trainer:
         use_aux = cfg.arch == "topk" and cfg.aux_coef > 0
         dead_mask = self.density.dead_mask(self.step, res.dead_window) if use_aux else None
         out = sae.forward_backward(x, self.l1_at(self.step), dead_mask)
+        if self.world.size > 1:
+            average_grads(list(sae.parameters()), self.world)
         if sae.unit_decoder:
             sae.remove_parallel_decoder_grad()
         if cfg.arch == "relu_l1_v2":
@@ -262,11 +302,17 @@ class Trainer:
         resample_at = set(res.resample_steps)
         params = list(sae.parameters())
         last: dict = {}
-        pbar = tqdm(total=S, initial=self.step, desc="train", unit="step", file=sys.stderr)
-        metrics_file = open(self.out / "metrics.jsonl", "a")
+        main = self.world.main
+        pbar = tqdm(
+            total=S, initial=self.step, desc="train", unit="step", file=sys.stderr, disable=not main
+        )
+        metrics_file = open(self.out / "metrics.jsonl", "a") if main else None
         t0 = time.perf_counter() - self.elapsed
+        batches = self.reader.batches(start_batch=self.step)
+        if self.world.size > 1:
+            batches = local_slices(batches, self.world, self.device)
         try:
-            for x in self.reader.batches(start_batch=self.step):
+            for x in batches:
                 if self.step >= S:
                     break
                 out = self.train_step(x)
@@ -287,7 +333,8 @@ class Trainer:
                     self.elapsed = time.perf_counter() - t0
                     self.save_checkpoint()
         finally:
-            metrics_file.close()
+            if metrics_file is not None:
+                metrics_file.close()
             pbar.close()
         self.elapsed = time.perf_counter() - t0
         if not all(torch.isfinite(p).all() for p in params):
@@ -311,10 +358,11 @@ class Trainer:
             gen,
         )
         self.density.record_event(self.step, r.resampled, r.held_out)
-        tqdm.write(
-            f"step {self.step}: resampled {int(r.resampled.sum())} dead features, held out {int(r.held_out.sum())}",
-            file=sys.stderr,
-        )
+        if self.world.main:
+            tqdm.write(
+                f"step {self.step}: resampled {int(r.resampled.sum())} dead features, held out {int(r.held_out.sum())}",
+                file=sys.stderr,
+            )
 
     def finish(self, last: dict) -> None:
         cfg, res = self.cfg, self.res
@@ -361,7 +409,7 @@ def _prepare_out(cfg: TrainConfig) -> tuple[Path, Path | None, bool]:
 
 def train(cfg: TrainConfig) -> Path:
     """Train an SAE on `cfg.cache` and write the run dir `cfg.out`; returns its path."""
-    from activations.cache import CacheReader, read_manifest
+    from activations.cache import read_manifest
 
     if not Path(cfg.cache).is_dir():
         raise SaekitError(f"--cache {cfg.cache} is not a directory; build one with `saekit cache`")
@@ -386,36 +434,62 @@ def train(cfg: TrainConfig) -> Path:
             raise SaekitError(
                 "--wandb-project needs wandb: `pip install wandb` (or drop the flag)"
             ) from None
+    world = distributed.world_from_env()
+    if cfg.batch_size % world.size:
+        raise SaekitError(
+            f"--batch-size {cfg.batch_size} does not split into {world.size} equal per-rank slices; use a multiple of {world.size}"
+        )
     out, ckpt, _ = _prepare_out(cfg)
+    world, device_name = distributed.init(cfg.device)
+    try:
+        return _train(cfg, res, manifest, out, ckpt, world, device_name, wandb)
+    finally:
+        distributed.close()
+
+
+def _train(cfg, res, manifest, out, ckpt, world, device_name, wandb) -> Path:
+    from activations.cache import CacheReader
+
+    if device_name != cfg.device:
+        cfg = dataclasses.replace(cfg, device=device_name)
+    # Distributed ranks slice each global batch on the host, then move their slice.
+    reader_device = cfg.device if world.size == 1 else "cpu"
     reader = CacheReader(
-        cfg.cache, cfg.batch_size, seed=cfg.seed, device=cfg.device, dtype=DTYPES[cfg.dtype]
+        cfg.cache, cfg.batch_size, seed=cfg.seed, device=reader_device, dtype=DTYPES[cfg.dtype]
     )
     created = not out.exists()
-    if cfg.overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, res, reader, manifest, out)
+    distributed.barrier(world)  # every rank has checked --out before rank 0 changes it
+    if world.main:
+        if cfg.overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(world)
+    trainer = Trainer(cfg, res, reader, manifest, out, world)
     try:
         if ckpt is not None:
             trainer.load_checkpoint(ckpt)
         else:
             trainer.init_fresh()
-        if wandb is not None:
+        if wandb is not None and world.main:
             trainer.wandb = wandb.init(
                 project=cfg.wandb_project, config=_cfg_dict(cfg), dir=str(out), resume="allow"
             )
         last = trainer.fit()
-        trainer.finish(last)
+        if world.main:
+            trainer.finish(last)
     except SaekitError:
         # Bad input found while reading (e.g. a corrupt shard): leave no half-written run dir.
-        if (created or cfg.overwrite) and trainer.last_checkpoint is None:
+        if (created or cfg.overwrite) and trainer.last_checkpoint is None and world.main:
             shutil.rmtree(out, ignore_errors=True)
         raise
     finally:
         if trainer.wandb is not None:
             trainer.wandb.finish()
+    if not world.main:
+        return out
+    ranks = f" on {world.size} ranks" if world.size > 1 else ""
     print(
-        f"saekit train: {cfg.arch} d_sae={res.d_sae} {trainer.step} steps "
+        f"saekit train: {cfg.arch} d_sae={res.d_sae} {trainer.step} steps{ranks} "
         f"({trainer.step * cfg.batch_size:,} tokens) in {trainer.elapsed:.1f}s; "
         f"fvu={last.get('fvu', float('nan')):.4f} l0={last.get('l0', float('nan')):.1f} "
         f"dead={last.get('dead')}/{res.d_sae}; wrote {out}",
