@@ -82,8 +82,9 @@ class CacheConfig:
     """Dataset split (local data: 'train', sliceable, e.g. 'train[:1000]')."""
     text_column: str = "text"
     """Column holding the text."""
-    tokens: int = 1_000_000
-    """Number of activation rows (tokens) to cache per site."""
+    tokens: int = 500_000
+    """Number of activation rows (tokens) to cache per site (the default corpus' train split
+    holds about 950k at context 128)."""
     context_size: int = 128
     """Tokens per context, BOS included."""
     batch_size: int = 32
@@ -102,6 +103,10 @@ class CacheConfig:
     """Continue an interrupted cache in --out from its manifest."""
     overwrite: bool = False
     """Replace an existing cache in --out."""
+    num_workers: int = 1
+    """Split the contexts over this many workers, each writing OUT/worker-i/ (merged into one cache by the last to finish, or `saekit cache-merge`); under torchrun: the world size."""
+    worker_index: int | None = None
+    """This worker's index in 0..num_workers-1 (None: torchrun's RANK, else 0)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,6 +421,11 @@ class CacheJob:
 
 def build_cache(cfg: CacheConfig) -> Path:
     """Cache the activations of `cfg.site` (or `cfg.hook`) and return the output dir."""
+    from activations.cache_workers import build_cache_worker, worker_of
+
+    index, count = worker_of(cfg)
+    if count > 1:  # split over workers (activations/cache_workers.py)
+        return build_cache_worker(cfg, index, count)
     t_start = time.perf_counter()
     job = prepare_cache(cfg)
     t_loop = run_cache(job)

@@ -28,11 +28,36 @@ from sae.errors import SaekitError
 # name -> (one-line help, "module:ConfigClass", "module:function taking that config").
 # A verb is listed here only once it works.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "cache": ("harvest activations into a verified, resumable on-disk cache", "activations.cache:CacheConfig", "activations.cache:build_cache"),
-    "train": ("train a sparse autoencoder on a cache", "training.config:TrainConfig", "training.trainer:train"),
-    "evaluate": ("splice the SAE into the model and measure loss recovered", "diagnostics.evaluate:EvaluateConfig", "diagnostics.evaluate:evaluate"),
-    "demo": ("cache, train, evaluate and diagnose on the bundled default model", "scripts.demo:DemoConfig", "scripts.demo:demo"),
-    "diagnose": ("classify features, run the dying test and write the HTML report", "diagnostics.report:DiagnoseConfig", "diagnostics.report:diagnose"),
+    "cache": (
+        "harvest activations into a verified, resumable on-disk cache",
+        "activations.cache:CacheConfig",
+        "activations.cache:build_cache",
+    ),
+    "cache-merge": (
+        "join the caches written by `saekit cache --num-workers K` into one",
+        "activations.cache_workers:MergeConfig",
+        "activations.cache_workers:merge_cache",
+    ),
+    "train": (
+        "train a sparse autoencoder on a cache",
+        "training.config:TrainConfig",
+        "training.trainer:train",
+    ),
+    "evaluate": (
+        "splice the SAE into the model and measure loss recovered",
+        "diagnostics.evaluate:EvaluateConfig",
+        "diagnostics.evaluate:evaluate",
+    ),
+    "demo": (
+        "cache, train, evaluate and diagnose on the bundled default model",
+        "scripts.demo:DemoConfig",
+        "scripts.demo:demo",
+    ),
+    "diagnose": (
+        "classify features, run the dying test and write the HTML report",
+        "diagnostics.report:DiagnoseConfig",
+        "diagnostics.report:diagnose",
+    ),
 }
 
 
@@ -52,7 +77,7 @@ def field_docs(cls: type) -> dict[str, str]:
         except (OSError, TypeError):
             continue
         body = tree.body[0].body  # type: ignore[attr-defined]
-        for node, nxt in zip(body, body[1:] + [None]):
+        for node, nxt in zip(body, body[1:] + [None], strict=True):
             if (
                 isinstance(node, ast.AnnAssign)
                 and isinstance(node.target, ast.Name)
@@ -94,7 +119,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         help_text = docs.get(f.name, "")
         help_text += " (required)" if required else f" (default: {default})"
-        kwargs: dict[str, Any] = {"help": help_text.strip().replace("%", "%%"), "dest": f.name, "default": default}
+        kwargs: dict[str, Any] = {
+            "help": help_text.strip().replace("%", "%%"),
+            "dest": f.name,
+            "default": default,
+        }
         origin = typing.get_origin(tp)
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

