@@ -94,9 +94,8 @@ class Trainer:
         world: World | None = None,
     ):
         self.cfg, self.res, self.reader, self.manifest, self.out = cfg, res, reader, manifest, out
-        self.world = (
-            world or World()
-        )  # data-parallel ranks (training/distributed.py); only rank 0 writes
+        # Data-parallel ranks (training/distributed.py); only rank 0 writes.
+        self.world = world or World()
         self.device = torch.device(cfg.device)
         self.dtype = DTYPES[cfg.dtype]
         sae_cfg = SAEConfig(cfg.arch, res.d_in, res.d_sae, cfg.k, res.k_aux, cfg.aux_coef)
@@ -106,7 +105,7 @@ class Trainer:
             self.opt = torch.optim.Adam(params, lr=res.lr, fused=True)
         except (RuntimeError, TypeError):  # fused Adam is not built for every device/dtype
             self.opt = torch.optim.Adam(params, lr=res.lr, foreach=True)
-        tracker = ReducedDensityTracker if world.size > 1 else DensityTracker
+        tracker = ReducedDensityTracker if self.world.size > 1 else DensityTracker
         self.density = tracker(res.d_sae, cfg.batch_size, res.steps_per_window, self.device)
         self.step = 0
         self.elapsed = 0.0
