@@ -17,11 +17,13 @@ unembedding is the expensive part, and the scale is TransformerLens' own number.
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
+
+if TYPE_CHECKING:  # importing TransformerLens takes seconds; bad input should fail before it
+    from transformer_lens import HookedTransformer
 
 from sae.errors import SaekitError
 
