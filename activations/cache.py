@@ -440,14 +440,10 @@ def build_cache(cfg: CacheConfig) -> Path:
     return Path(cfg.out)
 
 
-def prepare_cache(cfg: CacheConfig) -> CacheJob:
-    """Validate everything (before writing anything), then create the dirs, contexts and
-    manifests (or take them over from an interrupted run with --resume)."""
-    from activations.models import load_model, model_spec
+def load_cacheable_model(cfg: CacheConfig):
+    """The model in eval mode, checked to have a BOS token and a context long enough."""
+    from activations.models import load_model
 
-    _check_config(cfg)
-    out = Path(cfg.out)
-    _check_out(out, cfg)
     model = load_model(cfg.model, cfg.device, torch.float32)
     model.eval()
     tokenizer = model.tokenizer
@@ -459,6 +455,19 @@ def prepare_cache(cfg: CacheConfig) -> CacheJob:
         raise SaekitError(
             f"--context-size {cfg.context_size} exceeds the model's n_ctx {model.cfg.n_ctx}; lower it"
         )
+    return model
+
+
+def prepare_cache(cfg: CacheConfig) -> CacheJob:
+    """Validate everything (before writing anything), then create the dirs, contexts and
+    manifests (or take them over from an interrupted run with --resume)."""
+    from activations.models import model_spec
+
+    _check_config(cfg)
+    out = Path(cfg.out)
+    _check_out(out, cfg)
+    model = load_cacheable_model(cfg)
+    tokenizer = model.tokenizer
     sites = resolve_sites(model, cfg.site, cfg.layer, cfg.hook)
     dirs = [out] if len(sites) == 1 else [out / s.name for s in sites]
     dtype = DTYPES[cfg.dtype]

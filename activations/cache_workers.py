@@ -39,6 +39,7 @@ from activations.cache import (
     _SiteWriter,
     _write_safetensors,
     choose_contexts,
+    load_cacheable_model,
     run_cache,
 )
 from sae.errors import SaekitError
@@ -68,7 +69,7 @@ def worker_dir(out: str | Path, index: int) -> Path:
 
 def build_cache_worker(cfg: CacheConfig, index: int, count: int) -> Path:
     """Cache worker `index`'s share of the contexts into OUT/worker-index; merge if it is last."""
-    from activations.models import load_model, model_spec
+    from activations.models import model_spec
     from activations.sites import resolve_sites
 
     t0 = time.perf_counter()
@@ -87,17 +88,8 @@ def build_cache_worker(cfg: CacheConfig, index: int, count: int) -> Path:
             f"--out {cfg.out} already holds a cache; pass --overwrite or choose another --out"
         )
     _check_out(out, cfg)
-    model = load_model(cfg.model, cfg.device, torch.float32)
-    model.eval()
+    model = load_cacheable_model(cfg)
     tok = model.tokenizer
-    if tok is None or tok.bos_token_id is None:
-        raise SaekitError(
-            f"model {cfg.model} has no tokenizer with a BOS token; it cannot be cached"
-        )
-    if cfg.context_size > model.cfg.n_ctx:
-        raise SaekitError(
-            f"--context-size {cfg.context_size} exceeds the model's n_ctx {model.cfg.n_ctx}; lower it"
-        )
     sites = resolve_sites(model, cfg.site, cfg.layer, cfg.hook)
     if len(sites) > 1:
         raise SaekitError(
