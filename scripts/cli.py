@@ -221,6 +221,28 @@ def parse(argv: list[str] | None) -> tuple[str, Any]:
     return args.command, config_from_args(cls, args)
 
 
+def run_script(
+    prog: str, doc: str | None, cls: type, fn: Callable[[Any], Any], argv: list[str] | None
+) -> None:
+    """`python -m scripts.X` for a pipeline script outside `saekit`: the same flags from a config
+    dataclass, the same one-line errors and exit code 2."""
+    p = argparse.ArgumentParser(
+        prog=f"python -m {prog}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_dataclass_args(p, cls)
+    args = p.parse_args(argv)
+    missing = [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if v is REQUIRED]
+    if missing:
+        p.error(f"the following arguments are required: {', '.join(missing)}")
+    try:
+        fn(config_from_args(cls, args))
+    except SaekitError as e:
+        print(f"{prog.rsplit('.', 1)[-1]}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         command, cfg = parse(argv)

@@ -352,22 +352,9 @@ def _f(x) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import sys
+    from scripts.cli import run_script
 
-    from scripts.cli import add_dataclass_args, config_from_args
-
-    p = argparse.ArgumentParser(
-        prog="python -m scripts.compare_sites",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_dataclass_args(p, CompareSitesConfig)
-    try:
-        compare_sites(config_from_args(CompareSitesConfig, p.parse_args(argv)))
-    except SaekitError as e:
-        print(f"compare_sites: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_script("scripts.compare_sites", __doc__, CompareSitesConfig, compare_sites, argv)
 
 
 if __name__ == "__main__":

@@ -143,22 +143,11 @@ def rare_feature_experiment(cfg: RareFeatureConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import sys
+    from scripts.cli import run_script
 
-    from scripts.cli import add_dataclass_args, config_from_args
-
-    p = argparse.ArgumentParser(
-        prog="python -m scripts.rare_feature_experiment",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    run_script(
+        "scripts.rare_feature_experiment", __doc__, RareFeatureConfig, rare_feature_experiment, argv
     )
-    add_dataclass_args(p, RareFeatureConfig)
-    try:
-        rare_feature_experiment(config_from_args(RareFeatureConfig, p.parse_args(argv)))
-    except SaekitError as e:
-        print(f"rare_feature_experiment: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
