@@ -12,6 +12,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -238,11 +239,11 @@ def _load_hf_dir(path: Path, device: str, dtype: torch.dtype) -> HookedTransform
     from transformer_lens import loading_from_pretrained as loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _offline(), _quiet():
+    with _offline(), _quiet(), weights_only():
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, pickle.UnpicklingError) as e:
             raise SaekitError(
                 f"cannot load the model in {path} with transformers: {_first_line(e)}"
             ) from None
@@ -275,9 +276,16 @@ def _load_transformer_lens(name: str, device: str, dtype: torch.dtype) -> Hooked
         )
     from transformer_lens import HookedTransformer
 
-    with _offline() if not online else contextlib.nullcontext():
+    with _offline() if not online else contextlib.nullcontext(), weights_only():
         # no_processing: see the module docstring.
-        model = HookedTransformer.from_pretrained_no_processing(name, device=device, dtype=dtype)
+        try:
+            model = HookedTransformer.from_pretrained_no_processing(
+                name, device=device, dtype=dtype
+            )
+        except pickle.UnpicklingError as e:
+            raise SaekitError(
+                f"model {name!r}: a weights file holds more than tensors and was not loaded ({_first_line(e)})"
+            ) from None
     return model
 
 
@@ -311,6 +319,22 @@ def _in_hf_cache(repo_id: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+@contextlib.contextmanager
+def weights_only():
+    """Make every torch.load inside (transformers' .bin files, TransformerLens' .pth checkpoints,
+    which TransformerLens loads with weights_only=False) refuse anything but tensors and plain
+    containers, so that a pickled payload in a model file is never executed."""
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
 
 
 @contextlib.contextmanager

@@ -175,25 +175,33 @@ def mlp_out_logits(model: HookedTransformer, mlp_out: Tensor, ln_scale: Tensor |
     return x @ model.W_U
 
 
+class _Harvested(Exception):
+    """Raised by the hook that delivers the last activation a forward pass needs."""
+
+
 def harvest(
     model: HookedTransformer, tokens: Tensor, index: Tensor, sites: list[Site]
 ) -> list[Tensor]:
     """One forward pass over `tokens` [batch, pos]; for each site the rows at `index` (int64
     indices into the flattened batch*pos positions) as [len(index), d_in], in the model's dtype
-    and on its device. An index rather than a bool mask avoids a host sync on GPUs."""
+    and on its device. An index rather than a bool mask avoids a host sync on GPUs.
+
+    The pass stops as soon as the last hook it needs has fired: `stop_at_layer` alone would
+    still run the rest of that block (for `mlp_post`, the MLP's W_out: a quarter of a small
+    model's block)."""
     names, stop, return_type = forward_plan(model, sites)
-    with torch.inference_mode():
-        _, acts = model.run_with_cache(
-            tokens,
-            names_filter=names,
-            stop_at_layer=stop,
-            return_type=return_type,
-            return_cache_object=False,
-        )
-        rows = {}
-        for name in names:
-            a = acts[name]
-            rows[name] = a.reshape(a.shape[0] * a.shape[1], -1).index_select(0, index)
+    rows: dict[str, Tensor] = {}
+
+    def take(a: Tensor, hook) -> None:
+        rows[hook.name] = a.reshape(a.shape[0] * a.shape[1], -1).index_select(0, index)
+        if len(rows) == len(names):
+            raise _Harvested
+
+    with torch.inference_mode(), model.hooks(fwd_hooks=[(n, take) for n in names]):
+        try:
+            model(tokens, stop_at_layer=stop, return_type=return_type)
+        except _Harvested:
+            pass
         out = []
         for s in sites:
             if s.site in DERIVED:

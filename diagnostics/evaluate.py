@@ -20,7 +20,6 @@ Conventions (written into eval.json as well):
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diagnostics.features import DEAD, ULTRA_RARE, classify
-from sae.errors import SaekitError
+from sae.errors import SaekitError, check_device
 
 # x [N, d_in] -> (reconstruction [N, d_in], dense feature activations [N, d_sae])
 SAEFn = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -289,6 +288,18 @@ def print_table(m: dict) -> None:
         print(f"  {label:<44} {v:.6g}")
 
 
+def check_cache_of_run(cache_dir: Path, manifest: dict, meta: dict, run_dir: Path) -> None:
+    """SaekitError unless the cache holds the model, hook and width the run's SAE was trained on."""
+    theirs = (manifest.get("model"), manifest.get("hook_name"), manifest.get("d_in"))
+    ours = (meta.get("model_name"), meta.get("hook_name"), meta.get("d_in"))
+    if any(a is not None and b is not None and a != b for a, b in zip(theirs, ours, strict=True)):
+        raise SaekitError(
+            f"{cache_dir / 'manifest.json'} is a cache of model {theirs[0]} at {theirs[1]} (d_in {theirs[2]}), "
+            f"but the SAE in {run_dir} was trained on model {ours[0]} at {ours[1]} (d_in {ours[2]}); "
+            "use a cache of the run's model and site"
+        )
+
+
 def evaluate(cfg: EvaluateConfig) -> Evaluation:
     """Write eval.json in the run dir (see the module docstring for every number) and print it."""
     from activations.corpus import load_texts, tokenize_contexts
@@ -303,6 +314,7 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
         )
     if cfg.tokens <= 0 or cfg.batch_size <= 0:
         raise SaekitError("--tokens and --batch-size must be positive")
+    check_device(cfg.device)
     sae, meta = load_sae(run_dir, device=cfg.device)
     sae.eval()
     for key in ("model_name", "hook_name", "context_size"):
@@ -315,12 +327,18 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
     # The SAE saw BOS rows only if its cache kept them.
     include_bos = False
     if meta.get("cache_dir") and (Path(meta["cache_dir"]) / "manifest.json").is_file():
-        include_bos = bool(
-            json.loads((Path(meta["cache_dir"]) / "manifest.json").read_text()).get("include_bos")
-        )
+        from activations.cache import _load_existing
+
+        manifest = _load_existing(Path(meta["cache_dir"])) or {}
+        check_cache_of_run(Path(meta["cache_dir"]), manifest, meta, run_dir)
+        include_bos = bool(manifest.get("include_bos"))
     model = load_model(meta["model_name"], device=cfg.device)
     model.eval()
     ctx = int(meta["context_size"])
+    if ctx > model.cfg.n_ctx:
+        raise SaekitError(
+            f"{run_dir}/cfg.json: field metadata.context_size is {ctx}, more than model {meta['model_name']}'s n_ctx {model.cfg.n_ctx}; fix it or re-run training"
+        )
     texts = load_texts(dataset, split=split, text_column=col)
     n_ctx = max(cfg.tokens // ctx, 1)
     tokens = tokenize_contexts(texts, model.tokenizer, ctx, max_tokens=n_ctx * ctx)[:n_ctx]

@@ -41,7 +41,7 @@ from diagnostics.features import (
     top_logit_tokens,
     vocab_strings,
 )
-from sae.errors import SaekitError
+from sae.errors import SaekitError, check_device
 
 CSV_COLUMNS = (
     "index",
@@ -296,6 +296,44 @@ def _check_out(cfg: DiagnoseConfig) -> Path:
     return out
 
 
+def _check_config(cfg: DiagnoseConfig) -> None:
+    """SaekitError for any flag out of its range (nan included), before anything is loaded."""
+    checks = [
+        (0 < cfg.alpha < 1, f"--alpha must be between 0 and 1 (got {cfg.alpha})"),
+        (
+            0 <= cfg.dead_threshold < cfg.ultra_rare_threshold <= 1,
+            "need 0 <= --dead-threshold < --ultra-rare-threshold <= 1 "
+            f"(got {cfg.dead_threshold} and {cfg.ultra_rare_threshold})",
+        ),
+        (
+            0 < cfg.rare_threshold <= 1,
+            f"--rare-threshold must be in (0, 1] (got {cfg.rare_threshold})",
+        ),
+        (cfg.dying_windows >= 1, f"--dying-windows must be >= 1 (got {cfg.dying_windows})"),
+        (
+            cfg.dying_window_tokens is None or cfg.dying_window_tokens >= 1,
+            f"--dying-window-tokens must be >= 1 (got {cfg.dying_window_tokens})",
+        ),
+        (
+            cfg.min_window_tokens >= 0,
+            f"--min-window-tokens must be >= 0 (got {cfg.min_window_tokens})",
+        ),
+        (cfg.n_show >= 0, f"--n-show must be >= 0 (got {cfg.n_show})"),
+        (cfg.n_top_contexts >= 1, f"--n-top-contexts must be >= 1 (got {cfg.n_top_contexts})"),
+        (cfg.n_logit_tokens >= 1, f"--n-logit-tokens must be >= 1 (got {cfg.n_logit_tokens})"),
+        (
+            cfg.ln_scale is None or 0 < cfg.ln_scale < math.inf,
+            f"--ln-scale must be a finite number > 0 (got {cfg.ln_scale})",
+        ),
+        (cfg.tokens >= 1, f"--tokens must be >= 1 (got {cfg.tokens})"),
+        (cfg.batch_size >= 1, f"--batch-size must be >= 1 (got {cfg.batch_size})"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise SaekitError(msg)
+    check_device(cfg.device)
+
+
 def _fmt(x: float) -> str:
     if math.isnan(x):
         return ""
@@ -356,6 +394,7 @@ def diagnose(cfg: DiagnoseConfig) -> Path:
             f"--run {run} is not a directory; pass a run dir written by `saekit train`"
         )
     out = _check_out(cfg)
+    _check_config(cfg)
     for name, v in (("ultra-rare-threshold", cfg.ultra_rare_threshold), ("alpha", cfg.alpha)):
         if not v > 0:
             raise SaekitError(f"--{name} must be > 0, got {v}")
@@ -373,6 +412,14 @@ def diagnose(cfg: DiagnoseConfig) -> Path:
     sae, meta = load_sae(run, device=cfg.device)
     sae.eval()
     d_sae = sae.W_dec.shape[0]
+    bad = [i for i in cfg.features if not 0 <= i < d_sae]
+    if bad:
+        raise SaekitError(f"--features {bad[0]} is out of range; the SAE has {d_sae} features")
+    if cfg.cache is not None:
+        from activations.cache import read_manifest
+        from diagnostics.evaluate import check_cache_of_run
+
+        check_cache_of_run(Path(cfg.cache), read_manifest(cfg.cache), meta, run)
     hist_path = run / "density_history.safetensors"
     hist = load_history(hist_path, d_sae) if hist_path.is_file() else None
     if hist is None and cfg.cache is None:
@@ -402,6 +449,10 @@ def diagnose(cfg: DiagnoseConfig) -> Path:
             warnings.append(f"Contexts show token ids: the run's model did not load ({e}).")
         if model is not None:
             vocab = vocab_strings(model.tokenizer, model.cfg.d_vocab)
+            if cfg.logits and cfg.n_logit_tokens > model.cfg.d_vocab:
+                raise SaekitError(
+                    f"--n-logit-tokens {cfg.n_logit_tokens} exceeds the model's vocabulary of {model.cfg.d_vocab} tokens; lower it"
+                )
 
     # Density: the last training window(s), or afresh on the cache.
     fresh: FreshDensity | None = None

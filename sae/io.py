@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,25 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see either the old file or the whole new one."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(e, path, tmp) from None
+
+
+def write_error(e: OSError, path: Path, tmp: Path | None = None) -> OSError:
+    """`e` with the file being written named (a failed write() names none), after removing the
+    temporary file, so that nothing half-written stays behind (a full disk, a file-size limit)."""
+    if tmp is not None:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return OSError(e.errno, e.strerror or str(e), str(path))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -45,9 +60,26 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 def atomic_save_safetensors(
     path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> None:
+) -> str:
+    """Returns the file's sha256."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+    data = _sorted_metadata(st_save(tensors, metadata=metadata))
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """The same safetensors file with its metadata keys sorted. safetensors writes them in hash
+    map order, which changes from process to process: sorted, equal runs give equal bytes."""
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    meta = header.pop("__metadata__", None)
+    if not meta or len(meta) < 2:
+        return data
+    header = {"__metadata__": dict(sorted(meta.items())), **header}
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)  # keep the data 8-byte aligned
+    return struct.pack("<Q", len(hb)) + hb + data[8 + n :]
 
 
 def sha256_file(path: str | Path) -> str:
@@ -126,6 +158,85 @@ def save_sae(sae, run_dir: str | Path, metadata: dict, input_scale: float = 1.0)
     atomic_write_json(run_dir / SAEKIT_FILE, meta)
 
 
+ARCHS = ("relu_l1", "relu_l1_v2", "topk")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (
+        isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and v == v
+        and abs(v) != float("inf")
+    )
+
+
+# cfg.json fields saekit reads: (where, field, required, test, what it must be).
+_CFG_FIELDS: list[tuple[str, str, bool, Any, str]] = [
+    ("", "d_in", True, lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("", "d_sae", True, lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("", "architecture", False, lambda v: v in ("standard", "topk"), "'standard' or 'topk'"),
+    ("", "apply_b_dec_to_input", False, lambda v: isinstance(v, bool), "true or false"),
+    ("", "k", False, lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("", "dtype", False, lambda v: isinstance(v, str), "a string"),
+    ("", "metadata", False, lambda v: v is None or isinstance(v, dict), "an object"),
+    ("metadata.", "arch", False, lambda v: v is None or v in ARCHS, " | ".join(ARCHS)),
+    ("metadata.", "k", False, lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1"),
+    (
+        "metadata.",
+        "k_aux",
+        False,
+        lambda v: v is None or (_is_int(v) and v >= 1),
+        "an integer >= 1",
+    ),
+    ("metadata.", "aux_coef", False, lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    ("metadata.", "model_name", False, lambda v: v is None or isinstance(v, str), "a string"),
+    ("metadata.", "hook_name", False, lambda v: v is None or isinstance(v, str), "a string"),
+    ("metadata.", "site", False, lambda v: v is None or isinstance(v, str), "a string"),
+    ("metadata.", "layer", False, lambda v: v is None or _is_int(v), "an integer"),
+    ("metadata.", "cache_dir", False, lambda v: v is None or isinstance(v, str), "a string"),
+    (
+        "metadata.",
+        "context_size",
+        False,
+        lambda v: v is None or (_is_int(v) and v >= 2),
+        "an integer >= 2",
+    ),
+    (
+        "metadata.",
+        "dataset",
+        False,
+        lambda v: v is None or isinstance(v, (str, dict)),
+        "a name or an object",
+    ),
+]
+
+
+def check_run_cfg(cfg_path: Path, sl_cfg: Any) -> None:
+    """SaekitError naming the file and the field unless cfg.json has every field saekit reads,
+    each of the right type."""
+    if not isinstance(sl_cfg, dict):
+        raise SaekitError(
+            f"{cfg_path} holds {type(sl_cfg).__name__}, not an object of SAE settings; re-run training"
+        )
+    meta = sl_cfg.get("metadata")
+    for where, name, required, ok, what in _CFG_FIELDS:
+        holder = sl_cfg if not where else meta if isinstance(meta, dict) else {}
+        if name not in holder:
+            if required:
+                raise SaekitError(
+                    f"{cfg_path} lacks the field {where}{name}; re-save the run with `saekit train`"
+                )
+            continue
+        if not ok(holder[name]):
+            raise SaekitError(
+                f"{cfg_path}: field {where}{name} must be {what}, not {holder[name]!r}; fix it or re-run training"
+            )
+
+
 def load_sae(run_dir: str | Path, device: str = "cpu") -> tuple[Any, dict]:
     """The SAE of a run dir, in input units, and cfg.json's metadata (saekit's fields included)."""
     from sae.model import SAE, SAEConfig
@@ -136,17 +247,30 @@ def load_sae(run_dir: str | Path, device: str = "cpu") -> tuple[Any, dict]:
         raise SaekitError(f"{run_dir} has no {CFG_FILE}; pass a run dir written by `saekit train`")
     try:
         sl_cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SaekitError(f"{cfg_path} is not valid JSON ({e}); re-run training") from None
-    meta = dict(sl_cfg.get("metadata") or {})
-    arch = meta.get("arch") or ("topk" if sl_cfg.get("architecture") == "topk" else "relu_l1")
-    if arch == "relu_l1" and not sl_cfg.get("apply_b_dec_to_input", True):
-        arch = "relu_l1_v2"
     tensors = load_safetensors(run_dir / WEIGHTS_FILE, device=device)
     missing = {"W_enc", "b_enc", "W_dec", "b_dec"} - set(tensors)
     if missing:
         raise SaekitError(f"{run_dir / WEIGHTS_FILE} lacks {sorted(missing)}; re-run training")
+    check_run_cfg(cfg_path, sl_cfg)
+    meta = dict(sl_cfg.get("metadata") or {})
+    arch = meta.get("arch") or ("topk" if sl_cfg.get("architecture") == "topk" else "relu_l1")
+    if arch == "relu_l1" and not sl_cfg.get("apply_b_dec_to_input", True):
+        arch = "relu_l1_v2"
+    if tensors["W_enc"].ndim != 2:
+        raise SaekitError(f"{run_dir / WEIGHTS_FILE}: W_enc is not a matrix; re-run training")
     d_in, d_sae = tensors["W_enc"].shape
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    for name, shape in shapes.items():
+        if tuple(tensors[name].shape) != shape:
+            raise SaekitError(
+                f"{run_dir / WEIGHTS_FILE}: {name} has shape {tuple(tensors[name].shape)}, not {shape}; re-run training"
+            )
+    if (sl_cfg["d_in"], sl_cfg["d_sae"]) != (d_in, d_sae):
+        raise SaekitError(
+            f"{cfg_path} says d_in {sl_cfg['d_in']}, d_sae {sl_cfg['d_sae']} but {WEIGHTS_FILE} holds W_enc {(d_in, d_sae)}; they are from different runs: re-run training"
+        )
     cfg = SAEConfig(
         arch=arch,
         d_in=d_in,
@@ -155,6 +279,10 @@ def load_sae(run_dir: str | Path, device: str = "cpu") -> tuple[Any, dict]:
         k_aux=meta.get("k_aux"),
         aux_coef=float(meta.get("aux_coef", 1 / 32)),
     )
+    if arch == "topk" and not cfg.k <= d_sae:
+        raise SaekitError(
+            f"{cfg_path}: field k is {cfg.k}, more than the SAE's {d_sae} features; fix it or re-run training"
+        )
     sae = SAE(cfg, device=device, dtype=tensors["W_enc"].dtype)
     with torch.no_grad():
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):

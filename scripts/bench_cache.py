@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from activations.cache import CacheConfig, prepare_cache, run_cache
+from activations.cache import CacheConfig, keep_freed_memory, prepare_cache, run_cache
 from activations.corpus import load_texts
 
 
@@ -71,6 +71,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # run_cache does this; do it for the bare passes too (fewer page faults)
     print(
         f"torch threads: {torch.get_num_threads()}, load average: {os.getloadavg()[0]:.1f}",
         flush=True,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import errno
 import importlib
 import inspect
 import json
@@ -146,6 +147,12 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     names = {f.name for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    for k in names:
+        tp, _ = _unwrap_optional(hints[k])
+        if isinstance(getattr(args, k, None), list) and typing.get_origin(tp) not in (list, tuple):
+            # argparse (< 3.12) turns `--flag=--` into an empty list instead of an error
+            raise SaekitError(f"--{k.replace('_', '-')} needs one value; '--' is not one")
     return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
@@ -153,21 +160,92 @@ def read_config_file(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise SaekitError(f"config file {path} does not exist")
-    text = p.read_text()
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
+    try:
+        text = p.read_text()
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
 
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
-    if not isinstance(data, dict):
+            data = yaml.safe_load(text)  # safe_load: plain data only, never Python objects
+        else:
+            data = json.loads(text)
+    except Exception as e:  # JSON, YAML (yaml.YAMLError) or UTF-8 decoding errors
+        kind = "YAML" if p.suffix in (".yaml", ".yml") else "JSON"
+        raise SaekitError(f"config file {path} is not valid {kind} ({_first_line(e)})") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise SaekitError(f"config file {path} must hold a mapping of field names to values")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def one_line(text: object) -> str:
+    """An error message as one line (a path or a library's message may hold newlines)."""
+    return " ".join(str(text).split())
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, `PROG: error: ...; see PROG --help`, exit 2
+    (argparse's own prints the whole usage block first)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)}; see `{self.prog} --help`\n")
+
+
+def file_value(path: str, cls: type, name: str, value: Any) -> Any:
+    """A config file's value for field `name` of `cls`, checked against the field's type (and
+    converted as its flag would convert it); SaekitError naming the file and the field."""
+    tp, optional = _unwrap_optional(typing.get_type_hints(cls)[name])
+    origin = typing.get_origin(tp)
+    num = (int, float)
+
+    def bad(what: str) -> SaekitError:
+        return SaekitError(
+            f"config file {path}: field {name} must be {what}, not {one_line(repr(value))}; fix the file"
+        )
+
+    def scalar(t: Any, v: Any, what: str) -> Any:
+        if isinstance(v, bool) or isinstance(v, (dict, list)):
+            raise bad(what)
+        if t is int and isinstance(v, float):
+            raise bad(what)  # 3.7 steps is a mistake, not a truncation to make silently
+        try:
+            return t(v)
+        except (TypeError, ValueError):
+            raise bad(what) from None
+
+    if value is None:
+        if optional:
+            return None
+        raise SaekitError(
+            f"config file {path}: field {name} must not be null; give it a value or leave it out"
+        )
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices or isinstance(value, bool):
+            raise bad("one of " + ", ".join(map(str, choices)))
+        return value
+    if origin in (list, tuple):
+        (item,) = typing.get_args(tp)[:1]
+        if not isinstance(value, list):
+            raise bad(f"a list of {item.__name__}")
+        return [scalar(item, v, f"a list of {item.__name__}") for v in value]
+    if tp in (int, float):
+        return scalar(tp, value, "an integer" if tp is int else "a number")
+    if isinstance(value, (bool, dict, list)) or not isinstance(value, (str, *num)):
+        raise bad("a string")
+    return str(value)
+
+
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """The parser; only `verb`'s flags are built, so `saekit --help` imports no verb's module."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="saekit",
         description="Train sparse autoencoders on transformer activations and study their features.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -212,6 +290,7 @@ def parse(argv: list[str] | None) -> tuple[str, Any]:
             raise SaekitError(
                 f"config file {args.config} has unknown fields {unknown}; valid: {sorted(names)}"
             )
+        from_file = {k: file_value(args.config, cls, k, v) for k, v in from_file.items()}
         # Re-parse with the file's values as defaults, so flags given explicitly still win.
         sub.set_defaults(**from_file)
         args = parser.parse_args(argv)
@@ -226,7 +305,7 @@ def run_script(
 ) -> None:
     """`python -m scripts.X` for a pipeline script outside `saekit`: the same flags from a config
     dataclass, the same one-line errors and exit code 2."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=f"python -m {prog}",
         description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -243,14 +322,29 @@ def run_script(
         raise SystemExit(2) from None
 
 
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError: the file, the problem, and what to do."""
+    where = f"{e.filename}: " if e.filename else ""
+    what = e.strerror or str(e) or type(e).__name__
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return (
+            f"cannot write {where}{what} (disk full, quota or file-size limit); nothing "
+            "half-written was kept: free space, then re-run the same command with --resume"
+        )
+    return f"{where}{what}"
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         command, cfg = parse(argv)
         run: Callable[[Any], Any] = _resolve(COMMANDS[command][2])
         run(cfg)
     except SaekitError as e:
-        print(f"saekit: error: {e}", file=sys.stderr)
+        print(f"saekit: error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as e:  # the machine, not the input: a full disk, a file-size limit, ...
+        print(f"saekit: error: {os_error_line(e)}", file=sys.stderr)
+        raise SystemExit(1) from None
     except KeyboardInterrupt:
         print("saekit: interrupted", file=sys.stderr)
         raise SystemExit(130) from None

@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 from sae.errors import SaekitError
 
+DEFAULT_D_IN = 512  # the default model's d_mlp: the width of its mlp_post cache
+
 
 @dataclass
 class DemoConfig:
@@ -59,20 +61,57 @@ class DemoResult(NamedTuple):
 
 
 def demo(cfg: DemoConfig) -> DemoResult:
-    from activations.cache import CacheConfig, build_cache
-    from diagnostics.evaluate import EvaluateConfig, evaluate
-    from diagnostics.report import DiagnoseConfig, diagnose
-    from training.config import TrainConfig
-    from training.trainer import train
-
     out = Path(cfg.out)
+    _check_config(cfg)
+    if out.exists() and not out.is_dir():
+        raise SaekitError(f"--out {out} is a file; pass a directory")
     if out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
             raise SaekitError(f"{out} is not empty; pass --overwrite or another --out")
         if not (out / "demo.json").is_file() and not (out / "cache").is_dir():
             raise SaekitError(f"{out} does not look like a demo dir; refusing to delete it")
         shutil.rmtree(out)
+    existed = out.is_dir()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _pipeline(cfg, out)
+    except (SaekitError, OSError):
+        # A failed demo cannot be resumed: leave --out as it was (missing or empty).
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        for p in list(out.iterdir()) if out.is_dir() else []:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        raise
+
+
+def _train_config(cfg: DemoConfig, cache: Path, run: Path):
+    from training.config import TrainConfig
+
+    return TrainConfig(
+        cache=str(cache),
+        out=str(run),
+        arch="relu_l1",
+        features=cfg.features,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        l1_coef=cfg.l1_coef,
+        resample="anthropic",
+        resample_holdout=cfg.holdout,
+        seed=cfg.seed,
+        checkpoint_every=0,
+        device=cfg.device,
+    )
+
+
+def _pipeline(cfg: DemoConfig, out: Path) -> DemoResult:
+    from activations.cache import CacheConfig, build_cache
+    from diagnostics.evaluate import EvaluateConfig, evaluate
+    from diagnostics.report import DiagnoseConfig, diagnose
+    from training.trainer import train
+
     t0 = time.perf_counter()
     cache = build_cache(
         CacheConfig(
@@ -84,22 +123,7 @@ def demo(cfg: DemoConfig) -> DemoResult:
             device=cfg.device,
         )
     )
-    run = train(
-        TrainConfig(
-            cache=str(cache),
-            out=str(out / "run"),
-            arch="relu_l1",
-            features=cfg.features,
-            steps=cfg.steps,
-            batch_size=cfg.batch_size,
-            l1_coef=cfg.l1_coef,
-            resample="anthropic",
-            resample_holdout=cfg.holdout,
-            seed=cfg.seed,
-            checkpoint_every=0,
-            device=cfg.device,
-        )
-    )
+    run = train(_train_config(cfg, Path(cache), out / "run"))
     ev = evaluate(EvaluateConfig(run=str(run), tokens=cfg.eval_tokens, device=cfg.device))
     report_dir = diagnose(
         DiagnoseConfig(run=str(run), out=str(out / "report"), cache=str(cache), device=cfg.device)
@@ -130,6 +154,35 @@ def demo(cfg: DemoConfig) -> DemoResult:
     )
     print(f"report: {result['report']}")
     return DemoResult(out, Path(result["report"]), live, m["fvu_pooled"], m["loss_recovered_zero"])
+
+
+def _check_config(cfg: DemoConfig) -> None:
+    """SaekitError for any flag out of its range (nan included), before anything is written."""
+    from sae.errors import check_device
+
+    checks = [
+        (cfg.tokens >= 1, f"--tokens must be >= 1 (got {cfg.tokens})"),
+        (cfg.steps >= 1, f"--steps must be >= 1 (got {cfg.steps})"),
+        (cfg.batch_size >= 1, f"--batch-size must be >= 1 (got {cfg.batch_size})"),
+        (cfg.features >= 1, f"--features must be >= 1 (got {cfg.features})"),
+        (
+            0 <= cfg.l1_coef < float("inf"),
+            f"--l1-coef must be a finite number >= 0 (got {cfg.l1_coef})",
+        ),
+        (0 <= cfg.holdout < 1, f"--holdout must be in [0, 1) (got {cfg.holdout})"),
+        (cfg.eval_tokens >= 1, f"--eval-tokens must be >= 1 (got {cfg.eval_tokens})"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise SaekitError(msg)
+    check_device(cfg.device)
+    # What training will check once the cache exists, checked now (the default model's mlp_post
+    # is 512 wide): the trainer's ranges, and that the SAE fits in memory at all.
+    from training.config import check_memory
+
+    tcfg = _train_config(cfg, Path(cfg.out) / "cache", Path(cfg.out) / "run")
+    rows = max(cfg.tokens, tcfg.resample_inputs)  # (no warning about the cache's size here)
+    check_memory(tcfg, tcfg.resolve(DEFAULT_D_IN, 1.0, rows))
 
 
 def _count(summary: dict, cls: str) -> int:

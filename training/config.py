@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass
 from typing import Literal
@@ -40,6 +41,10 @@ class TrainConfig:
     """Adam learning rate; None: 1e-3 (relu_l1, topk), 5e-4 (relu_l1_v2)."""
     l1_coef: float | None = None
     """Sparsity coefficient lambda; None: 3 (relu_l1) or 5 (relu_l1_v2) times mean_norm/sqrt(d_in), i.e. the value for inputs of mean norm sqrt(d_in)."""
+    lr_decay: float | None = None
+    """Fraction of training at the end over which the lr decays linearly to 0; None: 0.2 for relu_l1_v2 (Anthropic, April 2024), 0 otherwise."""
+    l1_warmup: float | None = None
+    """Fraction of training at the start over which lambda rises linearly from 0; None: 0.05 for relu_l1_v2, 0 otherwise."""
     k: int = 32
     """topk: latents kept per input."""
     k_aux: int | None = None
@@ -94,12 +99,26 @@ class TrainConfig:
             (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
             (self.expansion >= 1, f"--expansion must be >= 1 (got {self.expansion})"),
             (d_sae >= 1, f"--features must be >= 1 (got {self.features})"),
-            (self.lr is None or self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
             (
-                self.l1_coef is None or self.l1_coef >= 0,
-                f"--l1-coef must be >= 0 (got {self.l1_coef})",
+                self.lr is None or 0 < self.lr < math.inf,
+                f"--lr must be > 0 and finite (got {self.lr})",
             ),
-            (self.aux_coef >= 0, f"--aux-coef must be >= 0 (got {self.aux_coef})"),
+            (
+                self.l1_coef is None or 0 <= self.l1_coef < math.inf,
+                f"--l1-coef must be >= 0 and finite (got {self.l1_coef})",
+            ),
+            (
+                self.lr_decay is None or 0 <= self.lr_decay <= 1,
+                f"--lr-decay must be a fraction in [0, 1] (got {self.lr_decay})",
+            ),
+            (
+                self.l1_warmup is None or 0 <= self.l1_warmup <= 1,
+                f"--l1-warmup must be a fraction in [0, 1] (got {self.l1_warmup})",
+            ),
+            (
+                0 <= self.aux_coef < math.inf,
+                f"--aux-coef must be >= 0 and finite (got {self.aux_coef})",
+            ),
             (
                 0 <= self.resample_holdout < 1,
                 f"--resample-holdout must be in [0, 1) (got {self.resample_holdout})",
@@ -176,6 +195,12 @@ class TrainConfig:
             l1_coef=(self.l1_coef if self.l1_coef is not None else default_l1)
             if self.arch != "topk"
             else 0.0,
+            lr_decay=self.lr_decay
+            if self.lr_decay is not None
+            else (0.2 if self.arch == "relu_l1_v2" else 0.0),
+            l1_warmup=self.l1_warmup
+            if self.l1_warmup is not None
+            else (0.05 if self.arch == "relu_l1_v2" else 0.0),
             k_aux=self.k_aux if self.k_aux is not None else max(1, d_in // 2),
             resample=resample,
             resample_steps=steps,
@@ -205,3 +230,52 @@ class ResolvedConfig:
     steps_per_window: int
     input_scale: float
     n_rows: int
+    lr_decay: float = 0.0
+    l1_warmup: float = 0.0
+
+
+def train_bytes(cfg: TrainConfig, res: ResolvedConfig, world_size: int = 1) -> int:
+    """Rough peak memory of training on one rank, as docs/scaling.md counts it: parameters,
+    gradients, Adam's moments, the per-step work buffers, density tracking, the batch and the
+    resampling inputs."""
+    item = 2 if cfg.dtype == "bfloat16" else 8 if cfg.dtype == "float64" else 4
+    d, batch = res.d_in, max(1, cfg.batch_size // max(1, world_size))
+    windows = math.ceil(cfg.steps / res.steps_per_window)
+    work = batch + d if cfg.arch == "topk" else 2 * batch
+    per_feature = item * (4 * (2 * d + 1) + work) + 8 * (2 + windows)
+    fixed = 4 * batch * d * item + (
+        res.resample_inputs * d * 4 if res.resample == "anthropic" else 0
+    )
+    return res.d_sae * per_feature + fixed
+
+
+def device_bytes(device: str) -> int | None:
+    """Total memory of a device (RAM, within a cgroup limit, for the CPU); None if unknown."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.get_device_properties(dev.index or 0).total_memory)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:  # a container's limit, if any
+            limit = f.read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def check_memory(cfg: TrainConfig, res: ResolvedConfig, world_size: int = 1) -> None:
+    """SaekitError before anything is allocated if training cannot fit in the device at all."""
+    need, have = train_bytes(cfg, res, world_size), device_bytes(cfg.device)
+    if have is not None and need > have:
+        raise SaekitError(
+            f"{res.d_sae:,} features at --batch-size {cfg.batch_size} need about {need / 1e9:,.1f} GB "
+            f"to train but --device {cfg.device} has {have / 1e9:,.1f} GB; lower --features, "
+            "--batch-size or --resample-inputs (docs/scaling.md)"
+        )

@@ -9,6 +9,7 @@ checkpoint steps.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -20,11 +21,19 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from sae.errors import SaekitError
-from sae.io import atomic_save_safetensors, atomic_write_json, load_safetensors, save_sae
+from sae.errors import SaekitError, check_device
+from sae.io import (
+    SAEKIT_FILE,
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_safetensors,
+    save_sae,
+    sha256_file,
+)
 from sae.model import SAE, SAEConfig, StepOutput, geometric_median
 from training import distributed
-from training.config import GEOMEDIAN_ROWS, ResolvedConfig, TrainConfig
+from training.config import GEOMEDIAN_ROWS, ResolvedConfig, TrainConfig, check_memory
 from training.density import DensityTracker
 from training.distributed import ReducedDensityTracker, World, average_grads, local_slices
 from training.resample import anthropic_resample
@@ -76,6 +85,21 @@ def _cfg_dict(cfg: TrainConfig) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
 
 
+def _cache_fingerprint(manifest: dict) -> str:
+    """The identity of a cache's contents (its shards' hashes, in order), not of its path."""
+    shards = manifest.get("shards") or []
+    return hashlib.sha256("\n".join(str(s.get("sha256")) for s in shards).encode()).hexdigest()
+
+
+def _metrics_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a torn or foreign line (dropped on resume)."""
+    try:
+        step = json.loads(line)["step"]
+        return step if isinstance(step, int) else math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def _latest_checkpoint(out: Path) -> Path | None:
     """The newest checkpoint whose JSON (written last, so it marks a complete checkpoint) exists."""
     found = sorted((out / "checkpoints").glob("step-*.json"))
@@ -112,17 +136,18 @@ class Trainer:
         self.last_checkpoint: int | None = None
         self.wandb = None
 
-    # -- schedules (relu_l1_v2: lambda warm-up over 5%, lr decay to 0 over the last 20%) --
+    # -- schedules: lambda warm-up at the start, lr decay to 0 at the end (linear) --
     def lr_at(self, step: int) -> float:
-        if self.cfg.arch != "relu_l1_v2":
+        S, frac = self.cfg.steps, self.res.lr_decay
+        if frac <= 0:
             return self.res.lr
-        S = self.cfg.steps
-        return self.res.lr * min(1.0, (S - step) / max(1.0, 0.2 * S))
+        return self.res.lr * min(1.0, (S - step) / max(1.0, frac * S))
 
     def l1_at(self, step: int) -> float:
-        if self.cfg.arch != "relu_l1_v2":
+        frac = self.res.l1_warmup
+        if frac <= 0:
             return self.res.l1_coef
-        return self.res.l1_coef * min(1.0, (step + 1) / max(1.0, 0.05 * self.cfg.steps))
+        return self.res.l1_coef * min(1.0, (step + 1) / max(1.0, frac * self.cfg.steps))
 
     @torch.no_grad()
     def init_fresh(self) -> None:
@@ -149,7 +174,7 @@ class Trainer:
         if torch.cuda.is_available():
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
         stem = ck / f"step-{self.step:08d}"
-        atomic_save_safetensors(stem.with_suffix(".safetensors"), tensors)
+        sha = atomic_save_safetensors(stem.with_suffix(".safetensors"), tensors)
         atomic_write_json(
             stem.with_suffix(".json"),
             {
@@ -157,6 +182,9 @@ class Trainer:
                 "elapsed_s": self.elapsed,
                 "config": _cfg_dict(self.cfg),
                 "resolved": dataclasses.asdict(self.res),
+                # what resuming verifies: the tensors file, and the cache the run trains on
+                "sha256": sha,
+                "cache_sha256": _cache_fingerprint(self.manifest),
             },
         )
         self.last_checkpoint = self.step
@@ -166,16 +194,40 @@ class Trainer:
                 old.unlink(missing_ok=True)
 
     def load_checkpoint(self, json_path: Path) -> None:
-        meta = json.loads(json_path.read_text())
-        saved = meta["config"]
+        st_path = json_path.with_suffix(".safetensors")
+        try:
+            meta = json.loads(json_path.read_text())
+            saved = meta["config"]
+            int(meta["step"]), float(meta["elapsed_s"])
+            assert isinstance(saved, dict)
+        except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
+            raise SaekitError(
+                f"checkpoint {json_path} is not a saekit checkpoint record (corrupt or edited); delete it (and {st_path.name}) to resume from the one before"
+            ) from None
         diff = [f for f in RESUME_FIELDS if saved.get(f) != getattr(self.cfg, f)]
         if diff:
             changes = ", ".join(f"{f}: {saved.get(f)!r} -> {getattr(self.cfg, f)!r}" for f in diff)
             raise SaekitError(
-                f"cannot resume {self.out} with different settings ({changes}); use the original flags"
+                f"cannot resume {self.out} from checkpoint {json_path} with different settings ({changes}); use the original flags"
             )
-        t = load_safetensors(json_path.with_suffix(".safetensors"))
+        cache_sha = meta.get("cache_sha256")
+        if cache_sha is not None and cache_sha != _cache_fingerprint(self.manifest):
+            raise SaekitError(
+                f"checkpoint {json_path} was written while training on another cache than --cache {self.cfg.cache} (its shards differ); resume with the original --cache"
+            )
+        if meta.get("sha256") is not None and st_path.is_file():
+            if sha256_file(st_path) != meta["sha256"]:
+                raise SaekitError(
+                    f"checkpoint {st_path} fails its sha256 check (corrupt, or from another run); delete it and {json_path.name} to resume from the one before"
+                )
+        t = load_safetensors(st_path)
         names = dict(self.sae.named_parameters())
+        want = [f"sae.{n}" for n in names] + ["rng.torch", "density.window", "history.counts"]
+        lacking = [k for k in want if k not in t]
+        if lacking:
+            raise SaekitError(
+                f"checkpoint {st_path} lacks {lacking[0]}: it is not a saekit checkpoint of this run; delete it and {json_path.name}"
+            )
         if t["sae.W_enc"].shape != self.sae.W_enc.shape:
             raise SaekitError(
                 f"checkpoint {json_path.name} has W_enc {tuple(t['sae.W_enc'].shape)} but the cache gives {tuple(self.sae.W_enc.shape)}; resume on the original cache"
@@ -202,10 +254,14 @@ class Trainer:
         if metrics.is_file() and self.world.main:
             keep = [
                 line
-                for line in metrics.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= self.step
+                for line in metrics.read_text(errors="replace").splitlines()
+                if _metrics_step(line) <= self.step
             ]
-            metrics.write_text("".join(line + "\n" for line in keep))
+            # atomically: a kill during this rewrite must not lose the lines before the checkpoint
+            atomic_write_bytes(metrics, "".join(line + "\n" for line in keep).encode())
+        if self.world.main:  # temporary files of writes the interrupted run did not finish
+            for tmp in [*self.out.glob("*.tmp-*"), *(self.out / "checkpoints").glob("*.tmp-*")]:
+                tmp.unlink(missing_ok=True)
 
     # -- the loop --
     def nan_error(self, what: str) -> SaekitError:
@@ -366,7 +422,6 @@ class Trainer:
     def finish(self, last: dict) -> None:
         cfg, res = self.cfg, self.res
         meta = sae_metadata(self.manifest, cfg, cfg.arch, res.d_in, res.d_sae)
-        save_sae(self.sae, self.out, meta, input_scale=res.input_scale)
         dens, tokens = self.density.recent_density(res.steps_per_window * cfg.batch_size)
         atomic_save_safetensors(
             self.out / "sparsity.safetensors",
@@ -382,6 +437,9 @@ class Trainer:
                 "dead_window_steps": str(res.dead_window),
             },
         )
+        # Last, ending with saekit.json: its presence marks a finished run (a run killed while
+        # finishing resumes from its last checkpoint and writes every file again).
+        save_sae(self.sae, self.out, meta, input_scale=res.input_scale)
 
 
 def _prepare_out(cfg: TrainConfig) -> tuple[Path, Path | None, bool]:
@@ -392,7 +450,7 @@ def _prepare_out(cfg: TrainConfig) -> tuple[Path, Path | None, bool]:
         raise SaekitError(f"--out {out} is a file; pass a directory")
     if cfg.resume:
         ckpt = _latest_checkpoint(out) if out.is_dir() else None
-        if (out / "sae_weights.safetensors").is_file():
+        if (out / "sae_weights.safetensors").is_file() and (out / SAEKIT_FILE).is_file():
             raise SaekitError(
                 f"the run in {out} already finished; drop --resume or use a new --out"
             )
@@ -419,12 +477,7 @@ def train(cfg: TrainConfig) -> Path:
         )
     d_in, mean_norm, n_rows = _manifest_info(manifest)
     res = cfg.resolve(d_in, mean_norm, n_rows)
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError:
-        raise SaekitError(f"--device {cfg.device} is not a torch device; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SaekitError(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
+    check_device(cfg.device)
     wandb = None
     if cfg.wandb_project:
         try:
@@ -438,6 +491,7 @@ def train(cfg: TrainConfig) -> Path:
         raise SaekitError(
             f"--batch-size {cfg.batch_size} does not split into {world.size} equal per-rank slices; use a multiple of {world.size}"
         )
+    check_memory(cfg, res, world.size)
     out, ckpt, _ = _prepare_out(cfg)
     world, device_name = distributed.init(cfg.device)
     try:
@@ -470,9 +524,15 @@ def _train(cfg, res, manifest, out, ckpt, world, device_name, wandb) -> Path:
         else:
             trainer.init_fresh()
         if wandb is not None and world.main:
-            trainer.wandb = wandb.init(
-                project=cfg.wandb_project, config=_cfg_dict(cfg), dir=str(out), resume="allow"
-            )
+            try:
+                trainer.wandb = wandb.init(
+                    project=cfg.wandb_project, config=_cfg_dict(cfg), dir=str(out), resume="allow"
+                )
+            except Exception as e:  # noqa: BLE001 - wandb raises its own types (no login, ...)
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise SaekitError(
+                    f"--wandb-project {cfg.wandb_project}: wandb did not start ({first}); run `wandb login`, set WANDB_MODE=offline, or drop the flag"
+                ) from None
         last = trainer.fit()
         if world.main:
             trainer.finish(last)
