@@ -21,6 +21,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import math
 import os
 import queue
 import struct
@@ -39,7 +40,7 @@ from safetensors.torch import load as st_load
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from activations.sites import Site, harvest, resolve_sites
+from activations.sites import Site, harvest_flat, resolve_sites
 from sae.errors import SaekitError, check_device
 from sae.io import atomic_write_json, write_error
 
@@ -130,30 +131,37 @@ def keep_freed_memory() -> None:
         pass
 
 
-def _write_tmp(path: Path, tensors: dict[str, Tensor | list[Tensor]]) -> tuple[Path, int, str]:
-    """Write a safetensors file to a temp file beside `path`, straight from the tensors' memory
-    (no serialised copy in between), hashing as it goes. A value may be a list of chunks to be
-    concatenated along dim 0. Returns (temp path, bytes, sha256); `_commit` makes it `path`."""
-    parts = {k: v if isinstance(v, list) else [v] for k, v in tensors.items()}
+def _header(specs: dict[str, tuple[torch.dtype, list[int]]]) -> tuple[bytes, int]:
+    """A safetensors file's leading bytes (length prefix and JSON header) for tensors of these
+    dtypes and shapes laid out in order, and the length of the data that follows."""
     header: dict[str, Any] = {}
     offset = 0
-    for k, ts in parts.items():
-        n = sum(t.numel() * t.element_size() for t in ts)
-        shape = [sum(len(t) for t in ts), *ts[0].shape[1:]]
+    for k, (dtype, shape) in specs.items():
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         header[k] = {
-            "dtype": _ST_DTYPES[ts[0].dtype],
+            "dtype": _ST_DTYPES[dtype],
             "shape": shape,
             "data_offsets": [offset, offset + n],
         }
         offset += n
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)  # safetensors pads the header so the data is 8-byte aligned
-    chunks = [struct.pack("<Q", len(hb)), hb]
-    chunks += [
+    return struct.pack("<Q", len(hb)) + hb, offset
+
+
+def _write_tmp(path: Path, tensors: dict[str, Tensor | list[Tensor]]) -> tuple[Path, int, str]:
+    """Write a safetensors file to a temp file beside `path`, straight from the tensors' memory
+    (no serialised copy in between), hashing as it goes. A value may be a list of chunks to be
+    concatenated along dim 0. Returns (temp path, bytes, sha256); `_commit` makes it `path`."""
+    parts = {k: v if isinstance(v, list) else [v] for k, v in tensors.items()}
+    head, n_data = _header(
+        {k: (ts[0].dtype, [sum(len(t) for t in ts), *ts[0].shape[1:]]) for k, ts in parts.items()}
+    )
+    chunks = [head] + [
         t.contiguous().view(-1).view(torch.uint8).numpy() for ts in parts.values() for t in ts
     ]
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    nbytes = 8 + len(hb) + offset
+    nbytes = len(head) + n_data
     try:
         try:
             sha = _write_direct(tmp, chunks, nbytes)
@@ -182,15 +190,7 @@ def _write_direct(tmp: Path, chunks: list, nbytes: int) -> str:
     sha256. A buffered write of a shard costs more CPU in the kernel than hashing it (copy into
     the page cache, then writeback: 2.4 s of system time per 2 GB here against 0.25 s direct),
     CPU that caching takes from the forward pass on a small machine."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
-        raise _NoDirectIO
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o644)
-    except OSError as e:
-        if e.errno == errno.EINVAL:
-            raise _NoDirectIO from None
-        raise
+    fd = _open_direct(tmp)
     h = hashlib.sha256()
     raw = np.empty(_STAGE + _ALIGN, np.uint8)
     stage = raw[(-raw.ctypes.data) % _ALIGN :][:_STAGE]
@@ -225,6 +225,83 @@ def _write_direct(tmp: Path, chunks: list, nbytes: int) -> str:
     finally:
         os.close(fd)
     return h.hexdigest()
+
+
+class _ShardImage:
+    """A shard file's bytes, built in page-aligned memory: activations are gathered straight
+    into their place in it, the whole image is hashed once and written with O_DIRECT from the
+    same memory, so no activation is copied after the forward pass's own row gather."""
+
+    def __init__(self, name: str, rows: int, d_in: int, dtype: torch.dtype):
+        self.name, self.rows = name, rows
+        self.head, n_data = _header(
+            {
+                "activations": (dtype, [rows, d_in]),
+                "tokens": (torch.int32, [rows]),
+                "context": (torch.int64, [rows]),
+                "position": (torch.int32, [rows]),
+            }
+        )
+        self.nbytes = len(self.head) + n_data
+        padded = -(-self.nbytes // _ALIGN) * _ALIGN
+        raw = np.empty(padded + _ALIGN, np.uint8)
+        self.buf = raw[(-raw.ctypes.data) % _ALIGN :][:padded]
+        self.buf[: len(self.head)] = np.frombuffer(self.head, np.uint8)
+        self.buf[self.nbytes :] = 0
+        a0 = len(self.head)  # 8-byte aligned: any dtype can be viewed there
+        width = rows * d_in * torch.empty((), dtype=dtype).element_size()
+        self.activations = torch.from_numpy(self.buf[a0 : a0 + width]).view(dtype).view(rows, d_in)
+        self._meta0 = a0 + width
+
+    def put_meta(self, tokens: Tensor, context: Tensor, position: Tensor) -> None:
+        """The per-row metadata, after the activations (byte copies: their offsets need not be
+        aligned for their dtypes)."""
+        pos = self._meta0
+        for t, dtype in ((tokens, torch.int32), (context, torch.int64), (position, torch.int32)):
+            b = t.to(dtype).contiguous().view(torch.uint8).numpy()
+            self.buf[pos : pos + len(b)] = b
+            pos += len(b)
+        assert pos == self.nbytes
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.buf[: self.nbytes]).hexdigest()  # releases the GIL
+
+    def write(self, path: Path) -> Path:
+        """The image into a temp file beside `path`; `_commit` makes it `path`."""
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        try:
+            try:
+                fd = _open_direct(tmp)
+                try:
+                    view = memoryview(self.buf)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.ftruncate(fd, self.nbytes)
+                except OSError as e:
+                    if e.errno == errno.EINVAL:  # the filesystem refuses direct writes
+                        raise _NoDirectIO from None
+                    raise
+                finally:
+                    os.close(fd)
+            except _NoDirectIO:
+                with open(tmp, "wb") as f:
+                    f.write(memoryview(self.buf[: self.nbytes]))
+        except OSError as e:  # a full disk: name the file, leave no temporary behind
+            raise write_error(e, path, tmp) from None
+        return tmp
+
+
+def _open_direct(tmp: Path) -> int:
+    """An O_DIRECT file descriptor for a new `tmp`, or _NoDirectIO where there is none."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        raise _NoDirectIO
+    try:
+        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o644)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            raise _NoDirectIO from None
+        raise
 
 
 def _commit(tmp: Path, path: Path) -> None:
@@ -402,12 +479,8 @@ def _keep_mask(tokens: Tensor, bos: int, include_bos: bool) -> Tensor:
 
 
 class _SiteWriter:
-    """Cuts one site's rows of the global row sequence into shards.
-
-    A shard is collected as a list of row slices of the harvested batches (views, not copies)
-    and written chunk by chunk: the file is the same as from one contiguous buffer, without the
-    extra copy of every activation.
-    """
+    """Cuts one site's rows of the global row sequence into shards, gathering each batch's rows
+    straight into the shard image being filled."""
 
     def __init__(self, site: Site, out: Path, manifest: dict, dtype: torch.dtype, target: int):
         self.site, self.out, self.manifest, self.dtype, self.target = (
@@ -419,48 +492,58 @@ class _SiteWriter:
         )
         self.shard_rows = manifest["shard_rows"]
         self.next_row = sum(s["rows"] for s in manifest["shards"])  # first row not yet taken
-        self.written = len(manifest["shards"])  # shards handed to the writer thread
-        self.chunks: list[dict[str, Tensor]] = []
+        self.started = len(manifest["shards"])  # shard images begun
+        self.shard: _ShardImage | None = None
         self.fill = 0
+        self.meta: list[dict[str, Tensor]] = []
+        self.norms: list[Tensor] = []
 
-    def add(self, rows: dict[str, Tensor], row0: int, submit) -> None:
-        """`rows` (activations + per-row meta) are global rows [row0, row0 + n); take the ones
-        not written yet."""
+    def add(
+        self, acts: Tensor, index: Tensor | None, meta: dict[str, Tensor], row0: int, submit
+    ) -> None:
+        """This batch's rows are global rows [row0, row0 + n): `acts[index]` (or `acts` if
+        `index` is None) with `meta` (tokens, context, position); take the ones not written."""
         lo = max(self.next_row - row0, 0)
-        hi = min(len(rows["activations"]), self.target - row0)
+        hi = min(len(meta["tokens"]), self.target - row0)
         while lo < hi:
-            size = min(self.shard_rows, self.target - (self.next_row - self.fill))
-            take = min(hi - lo, size - self.fill)
-            self.chunks.append({k: v[lo : lo + take] for k, v in rows.items()})
+            if self.shard is None:
+                rows = min(self.shard_rows, self.target - self.next_row)
+                name = f"shard-{self.started:05d}.safetensors"
+                self.shard = _ShardImage(name, rows, self.site.d_in, self.dtype)
+                self.started += 1
+            take = min(hi - lo, self.shard.rows - self.fill)
+            dst = self.shard.activations[self.fill : self.fill + take]
+            if index is None:
+                dst.copy_(acts[lo : lo + take])
+            elif acts.device.type == "cpu" and acts.dtype == dst.dtype:
+                torch.index_select(acts, 0, index[lo : lo + take], out=dst)
+            else:
+                dst.copy_(acts.index_select(0, index[lo : lo + take]))
+            self.norms.append(dst.float().norm(dim=1))
+            self.meta.append({k: v[lo : lo + take] for k, v in meta.items()})
             self.fill += take
             self.next_row += take
             lo += take
-            if self.fill == size:
-                submit(self, self.chunks)
-                self.chunks, self.fill = [], 0
+            if self.fill == self.shard.rows:
+                shard = self.shard
+                shard.put_meta(*(torch.cat([m[k] for m in self.meta]) for k in SHARD_KEYS[1:]))
+                norm_sum = float(torch.cat(self.norms).double().sum())
+                self.shard, self.fill, self.meta, self.norms = None, 0, [], []
+                submit(self, shard, norm_sum)
 
-    def write(self, chunks: list[dict[str, Tensor]]) -> tuple[Path, str, dict]:
-        """Writer thread: the shard's bytes into a temp file. Returns what `commit` needs."""
-        name = f"shard-{self.written:05d}.safetensors"
-        self.written += 1
-        tmp, nbytes, sha = _write_tmp(
-            self.out / name, {k: [c[k] for c in chunks] for k in SHARD_KEYS}
-        )
-        norms = torch.cat([c["norm"] for c in chunks])
-        entry = {
-            "file": name,
-            "rows": len(norms),
-            "bytes": nbytes,
-            "sha256": sha,
-            "norm_sum": float(norms.double().sum()),
-        }
-        return tmp, name, entry
-
-    def commit(self, tmp: Path, name: str, entry: dict) -> None:
-        """Commit thread: the shard on disk and in place, then the manifest that lists it."""
-        _commit(tmp, self.out / name)
+    def store(self, shard: _ShardImage, sha: str, norm_sum: float) -> None:
+        """I/O thread: the shard on disk and in place, then the manifest that lists it."""
+        _commit(shard.write(self.out / shard.name), self.out / shard.name)
         m = self.manifest
-        m["shards"].append(entry)
+        m["shards"].append(
+            {
+                "file": shard.name,
+                "rows": shard.rows,
+                "bytes": shard.nbytes,
+                "sha256": sha,
+                "norm_sum": norm_sum,
+            }
+        )
         st = m["stats"]
         st["norm_sum"] = sum(s["norm_sum"] for s in m["shards"])  # summed in order: resume-exact
         st["rows"] = sum(s["rows"] for s in m["shards"])
@@ -469,47 +552,58 @@ class _SiteWriter:
         atomic_write_json(self.out / MANIFEST, m)
 
 
-class _WriterThreads:
-    """Writes shards in submission order in two background stages overlapped with compute and
-    with each other: one thread hashes and writes a shard's bytes (CPU), the next fsyncs it,
-    renames it into place and updates the manifest (waiting on the disk). At most `depth` shards
-    wait in each queue, which bounds memory."""
+class _ShardPipeline:
+    """Hashes full shards two at a time, both cores at once, between forward passes; writes,
+    fsyncs and lists them on a background thread that mostly waits on the disk.
 
-    def __init__(self, depth: int = 2):
+    Measured on 2 cores (docs/benchmarks.md): hashing on a thread concurrently with the forward
+    pass cost more than it hid (the forward's OpenMP threads, short of a core, wait for each
+    other at every barrier); hashing in a pause of the forward, on both cores, costs half the
+    hash. At most `depth` shards wait for the disk, which bounds memory."""
+
+    def __init__(self, depth: int = 3):
         self.error: BaseException | None = None
-        self.write_q: queue.Queue = queue.Queue(maxsize=depth)
-        self.commit_q: queue.Queue = queue.Queue(maxsize=depth)
-        self.threads = [
-            threading.Thread(target=self._loop, args=(self.write_q, self._write), daemon=True),
-            threading.Thread(target=self._loop, args=(self.commit_q, self._commit), daemon=True),
-        ]
-        for t in self.threads:
-            t.start()
+        self.pending: list[tuple[_SiteWriter, _ShardImage, float]] = []
+        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-hash")
+        self.io_q: queue.Queue = queue.Queue(maxsize=depth)
+        self.io = threading.Thread(target=self._io_loop, daemon=True)
+        self.io.start()
 
-    def _write(self, writer: _SiteWriter, chunks: list[dict[str, Tensor]]) -> None:
-        self.commit_q.put((writer, *writer.write(chunks)))
+    def submit(self, writer: _SiteWriter, shard: _ShardImage, norm_sum: float) -> None:
+        self._check()
+        self.pending.append((writer, shard, norm_sum))
+        if len(self.pending) == 2:
+            self.flush()
 
-    def _commit(self, writer: _SiteWriter, *args) -> None:
-        writer.commit(*args)
+    def flush(self) -> None:
+        """Hash the pending shards (the second on the helper thread) and queue their writes."""
+        if not self.pending:
+            return
+        other = [self.hasher.submit(sh.sha256) for _, sh, _ in self.pending[1:]]
+        shas = [self.pending[0][1].sha256()] + [f.result() for f in other]
+        for (writer, shard, norm_sum), sha in zip(self.pending, shas, strict=True):
+            self.io_q.put((writer, shard, sha, norm_sum))
+        self.pending = []
 
-    def _loop(self, q: queue.Queue, work) -> None:
-        while (item := q.get()) is not None:
+    def _io_loop(self) -> None:
+        while (item := self.io_q.get()) is not None:
             if self.error is None:
+                writer, *args = item
                 try:
-                    work(*item)
+                    writer.store(*args)
                 except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
                     self.error = e
-        if q is self.write_q:
-            self.commit_q.put(None)
 
-    def submit(self, writer: _SiteWriter, chunks: list[dict[str, Tensor]]) -> None:
-        self._check()
-        self.write_q.put((writer, chunks))
-
-    def close(self) -> None:
-        self.write_q.put(None)
-        for t in self.threads:
-            t.join()
+    def close(self, flush: bool = True) -> None:
+        """Write what is pending (not after an error on the main thread: a killed run loses
+        nothing either way, and the shards so far are in the manifest), then stop."""
+        try:
+            if flush and self.error is None:
+                self.flush()
+        finally:
+            self.io_q.put(None)
+            self.io.join()
+            self.hasher.shutdown()
         self._check()
 
     def _check(self) -> None:
@@ -670,28 +764,26 @@ def run_cache(job: CacheJob) -> float:
     bar = tqdm(
         total=cfg.tokens, initial=done, unit="tok", unit_scale=True, desc="cache", file=sys.stderr
     )
-    writer = _WriterThreads()
+    pipeline = _ShardPipeline()
+    ok = False
     try:
         for b0 in range((first_ctx // B) * B, len(ctx), B):
             tok = ctx[b0 : b0 + B]
             k = keep[b0 : b0 + B]
             idx = k.reshape(-1).nonzero().squeeze(1)
-            acts = harvest(model, tok.to(cfg.device), idx.to(cfg.device), sites)
+            acts = harvest_flat(model, tok.to(cfg.device), idx.to(cfg.device), sites)
             meta = {
                 "tokens": tok.reshape(-1)[idx].to(torch.int32),
                 "context": ids[b0 : b0 + B].repeat_interleave(k.sum(1)),
                 "position": positions.repeat(len(tok))[idx],
             }
-            for w, a in zip(writers, acts, strict=True):
-                a = a.to("cpu", w.dtype)
-                # Row norms here, not on the writer thread: a torch op there would start a
-                # second OpenMP team competing with the forward's.
-                norm = a.float().norm(dim=1)
-                w.add({"activations": a, "norm": norm, **meta}, starts[b0], writer.submit)
+            for w, (a, a_idx) in zip(writers, acts, strict=True):
+                w.add(a, a_idx, meta, starts[b0], pipeline.submit)
             bar.update(max(0, min(cum[min(b0 + B, len(cum)) - 1], cfg.tokens) - bar.n))
+        ok = True
     finally:
         bar.close()
-        writer.close()
+        pipeline.close(flush=ok)
     for w in writers:
         w.manifest["complete"] = True
         atomic_write_json(w.out / MANIFEST, w.manifest)

@@ -142,6 +142,30 @@ class MergeConfig:
     """The --out the workers were given (holds worker-0/ ... worker-K-1/)."""
 
 
+def _checked_worker_manifest(path: Path) -> dict:
+    """A worker's manifest, refused in one line if it lacks the fields a merge reads."""
+    m = _load_existing(path)
+    ok = isinstance(m, dict)
+    w = m.get("worker") if ok else None
+    ok = ok and isinstance(w, dict)
+    ok = ok and all(isinstance(w.get(k), int) for k in ("index", "count", "total_tokens"))
+    ok = ok and w["count"] >= 1 and isinstance(m.get("contexts"), dict)
+    shards = m.get("shards") if ok else None
+    ok = ok and isinstance(shards, list)
+    ok = ok and all(
+        isinstance(s, dict)
+        and isinstance(s.get("file"), str)
+        and isinstance(s.get("rows"), int)
+        and isinstance(s.get("norm_sum"), (int, float))
+        for s in shards
+    )
+    if not ok:
+        raise SaekitError(
+            f"{path / MANIFEST} is not a saekit worker manifest (missing or mistyped worker, contexts or shards fields); recache that worker"
+        )
+    return m
+
+
 def merge_cache(cfg: MergeConfig) -> Path:
     """Write OUT/manifest.json listing every worker's shards (and their contexts); returns OUT."""
     out = Path(cfg.out)
@@ -149,11 +173,14 @@ def merge_cache(cfg: MergeConfig) -> Path:
         raise SaekitError(
             f"{out} holds no worker-0/{MANIFEST}; run `saekit cache --num-workers K --worker-index i --out {out}` first"
         )
-    first = _load_existing(worker_dir(out, 0))
+    first = _checked_worker_manifest(worker_dir(out, 0))
     count = first["worker"]["count"]
     ms = []
     for i in range(count):
-        m = _load_existing(worker_dir(out, i))
+        if not (worker_dir(out, i) / MANIFEST).is_file():
+            m = None
+        else:
+            m = _checked_worker_manifest(worker_dir(out, i))
         if m is None or not m.get("complete"):
             raise SaekitError(
                 f"worker {i} of {count} has not finished in {worker_dir(out, i)}; run or finish it, then merge"
@@ -164,10 +191,6 @@ def merge_cache(cfg: MergeConfig) -> Path:
                 f"worker {i} in {out} was made with other settings ({', '.join(sorted(diff)) or 'worker'}); recache it with the same flags"
             )
         ms.append(m)
-    # Contexts in merged row order: worker 0's, then worker 1's, ...
-    ctx = [_read_verified(worker_dir(out, i) / CONTEXTS, m["contexts"]) for i, m in enumerate(ms)]
-    contexts = {k: torch.cat([c[k] for c in ctx]) for k in ("context", "tokens")}
-    nbytes, sha = _write_safetensors(out / CONTEXTS, contexts)
     shards = [
         {**s, "file": f"{worker_dir('', i)}/{s['file']}"}
         for i, m in enumerate(ms)
@@ -175,10 +198,14 @@ def merge_cache(cfg: MergeConfig) -> Path:
     ]
     rows = sum(s["rows"] for s in shards)
     total = first["worker"]["total_tokens"]
-    if rows != total:
+    if rows != total:  # checked before anything is written: a refused merge leaves OUT as it was
         raise SaekitError(
             f"the workers in {out} hold {rows:,} rows, not the {total:,} asked for; recache them"
         )
+    # Contexts in merged row order: worker 0's, then worker 1's, ...
+    ctx = [_read_verified(worker_dir(out, i) / CONTEXTS, m["contexts"]) for i, m in enumerate(ms)]
+    contexts = {k: torch.cat([c[k] for c in ctx]) for k in ("context", "tokens")}
+    nbytes, sha = _write_safetensors(out / CONTEXTS, contexts)
     norm_sum = sum(s["norm_sum"] for s in shards)
     merged = {k: v for k, v in first.items() if k != "worker"}
     merged.update(

@@ -179,22 +179,24 @@ class _Harvested(Exception):
     """Raised by the hook that delivers the last activation a forward pass needs."""
 
 
-def harvest(
+def harvest_flat(
     model: HookedTransformer, tokens: Tensor, index: Tensor, sites: list[Site]
-) -> list[Tensor]:
-    """One forward pass over `tokens` [batch, pos]; for each site the rows at `index` (int64
-    indices into the flattened batch*pos positions) as [len(index), d_in], in the model's dtype
-    and on its device. An index rather than a bool mask avoids a host sync on GPUs.
+) -> list[tuple[Tensor, Tensor | None]]:
+    """One forward pass over `tokens` [batch, pos]; for each site, (acts, rows): the rows wanted
+    are `acts[rows]`, or `acts` itself when `rows` is None. `index` holds the int64 indices into
+    the flattened batch*pos positions whose rows are wanted (an index rather than a bool mask
+    avoids a host sync on GPUs). The gather is left to the caller so that the cache can gather
+    straight into a shard's memory; `harvest` does it here.
 
     The pass stops as soon as the last hook it needs has fired: `stop_at_layer` alone would
     still run the rest of that block (for `mlp_post`, the MLP's W_out: a quarter of a small
     model's block)."""
     names, stop, return_type = forward_plan(model, sites)
-    rows: dict[str, Tensor] = {}
+    acts: dict[str, Tensor] = {}
 
     def take(a: Tensor, hook) -> None:
-        rows[hook.name] = a.reshape(a.shape[0] * a.shape[1], -1).index_select(0, index)
-        if len(rows) == len(names):
+        acts[hook.name] = a.reshape(a.shape[0] * a.shape[1], -1)
+        if len(acts) == len(names):
             raise _Harvested
 
     with torch.inference_mode(), model.hooks(fwd_hooks=[(n, take) for n in names]):
@@ -202,11 +204,25 @@ def harvest(
             model(tokens, stop_at_layer=stop, return_type=return_type)
         except _Harvested:
             pass
-        out = []
+        out: list[tuple[Tensor, Tensor | None]] = []
         for s in sites:
             if s.site in DERIVED:
-                scale = rows.get(LN_SCALE_HOOK)
-                out.append(mlp_out_logits(model, rows[s.hook_name], scale))
+                scale = acts.get(LN_SCALE_HOOK)
+                rows = acts[s.hook_name].index_select(0, index)
+                scale = None if scale is None else scale.index_select(0, index)
+                out.append((mlp_out_logits(model, rows, scale), None))
             else:
-                out.append(rows[s.hook_name])
+                out.append((acts[s.hook_name], index))
     return out
+
+
+def harvest(
+    model: HookedTransformer, tokens: Tensor, index: Tensor, sites: list[Site]
+) -> list[Tensor]:
+    """`harvest_flat` with the rows gathered: for each site [len(index), d_in], in the model's
+    dtype and on its device."""
+    with torch.inference_mode():
+        return [
+            a if rows is None else a.index_select(0, rows)
+            for a, rows in harvest_flat(model, tokens, index, sites)
+        ]

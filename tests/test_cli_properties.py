@@ -632,8 +632,11 @@ def test_demo_failing_midway_leaves_out_as_it_was(world, tmp_path):
 
 @pytest.mark.parametrize(
     "case",
-    ["missing", "file", "empty", "only-worker-1", "worker-0-unfinished", "a-cache", "junk-path"],
-)
+    [
+        "missing", "file", "empty", "only-worker-1", "worker-0-unfinished", "a-cache",
+        "junk-path", "worker-0-not-a-worker", "worker-rows-short",
+    ],
+)  # fmt: skip
 @settings(max_examples=3, **SETTINGS)
 @given(junk=JUNK)
 def test_cache_merge_bad_out_is_refused(world, case, junk):
@@ -653,6 +656,16 @@ def test_cache_merge_bad_out_is_refused(world, case, junk):
             shutil.copytree(world["cache"], out / "worker-0")
             m = json.loads((out / "worker-0" / "manifest.json").read_text())
             m.update(complete=False, worker={"index": 0, "count": 2, "total_tokens": 2048})
+            (out / "worker-0" / "manifest.json").write_text(json.dumps(m))
+            target = out
+        elif case == "worker-0-not-a-worker":  # a plain cache's manifest has no worker field
+            shutil.copytree(world["cache"], out / "worker-0")
+            target = out
+        elif case == "worker-rows-short":  # refused before contexts.safetensors is written
+            shutil.copytree(world["cache"], out / "worker-0")
+            m = json.loads((out / "worker-0" / "manifest.json").read_text())
+            rows = sum(s["rows"] for s in m["shards"])
+            m.update(complete=True, worker={"index": 0, "count": 1, "total_tokens": rows + 1})
             (out / "worker-0" / "manifest.json").write_text(json.dumps(m))
             target = out
         elif case == "a-cache":

@@ -259,6 +259,7 @@ def test_errors_are_one_line_and_leave_no_run_dir(cache, tmp_path):
         (dict(resample="anthropic", resample_steps=[60]), "resample step 60 is outside"),
         (dict(resample="none", resample_holdout=0.5), "needs --resample anthropic"),
         (dict(resume=True), "holds no checkpoint"),
+        (dict(expansion=4), "--features 1024 and --expansion 4 both set the width"),
     ]
     for kw, msg in bad:
         with pytest.raises(SaekitError, match=msg) as e:

@@ -29,8 +29,8 @@ class TrainConfig:
     """relu_l1 (Anthropic 2023), relu_l1_v2 (Anthropic April 2024) or topk (Gao et al. 2024)."""
     features: int | None = None
     """Number of features (d_sae); None: expansion * d_in."""
-    expansion: int = 8
-    """Features per input dimension, used when --features is not given."""
+    expansion: int | None = None
+    """Features per input dimension (None: 8); give --features or --expansion, not both."""
     d_in: int | None = None
     """Expected activation width; checked against the cache (None: take the cache's)."""
     steps: int = 3000
@@ -93,11 +93,16 @@ class TrainConfig:
             raise bad(
                 f"--d-in {self.d_in} does not match the cache's width {d_in}; drop --d-in or use a cache of width {self.d_in}"
             )
-        d_sae = self.features if self.features is not None else self.expansion * d_in
+        if self.features is not None and self.expansion is not None:
+            raise bad(
+                f"--features {self.features} and --expansion {self.expansion} both set the width; give one of them"
+            )
+        expansion = self.expansion if self.expansion is not None else 8
+        d_sae = self.features if self.features is not None else expansion * d_in
         checks = [
             (self.steps >= 1, f"--steps must be >= 1 (got {self.steps})"),
             (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
-            (self.expansion >= 1, f"--expansion must be >= 1 (got {self.expansion})"),
+            (expansion >= 1, f"--expansion must be >= 1 (got {self.expansion})"),
             (d_sae >= 1, f"--features must be >= 1 (got {self.features})"),
             (
                 self.lr is None or 0 < self.lr < math.inf,
