@@ -6,7 +6,7 @@ Layout of a cache dir (one per site; `--site a,b` makes OUT/a/ and OUT/b/ from o
   context size, seed, tokens) and reused on `--resume`.
 - `shard-NNNNN.safetensors`: `activations` [rows, d_in], `tokens` int32, `context` int64 and
   `position` int32 per row. Every shard but the last has `shard_rows` rows.
-- `manifest.json`: settings, shard list (file, rows, bytes, sha256, norm_sum), `stats`, and
+- `manifest.json`: settings, shard list (file, rows, bytes, xxh3_128, norm_sum), `stats`, and
   `complete`. Rewritten atomically after each shard.
 
 Rows are the kept positions of the contexts in order (context by context, position by position),
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import json
 import math
 import os
@@ -36,6 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import xxhash
 from safetensors.torch import load as st_load
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -44,7 +44,16 @@ from activations.sites import Site, harvest_flat, resolve_sites
 from sae.errors import SaekitError, check_device
 from sae.io import atomic_write_json, write_error
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: files are checked with XXH3-128 (1 used SHA-256)
+# The checksum of every cache file, and its key in the manifest. Caching hashes every byte it
+# writes (2 KB a token for mlp_post) and training every shard it reads, so the hash's speed is
+# the cache's speed on a small model: SHA-256 runs at 1.1 GB/s on one core here (SHA-NI), BLAKE3
+# at 4.9, XXH3 at 11, and caching with SHA-256 cost ~10% of the forward pass, BLAKE3 ~5%
+# (docs/benchmarks.md). The checksum guards against accidental damage (a torn copy, a bad disk,
+# an edit); a cryptographic hash would add nothing, since whoever can rewrite a shard can
+# rewrite the manifest beside it.
+CHECKSUM = "xxh3_128"
+_new_hash = xxhash.xxh3_128
 MANIFEST = "manifest.json"
 CONTEXTS = "contexts.safetensors"
 SHARD_KEYS = ("activations", "tokens", "context", "position")
@@ -152,7 +161,7 @@ def _header(specs: dict[str, tuple[torch.dtype, list[int]]]) -> tuple[bytes, int
 def _write_tmp(path: Path, tensors: dict[str, Tensor | list[Tensor]]) -> tuple[Path, int, str]:
     """Write a safetensors file to a temp file beside `path`, straight from the tensors' memory
     (no serialised copy in between), hashing as it goes. A value may be a list of chunks to be
-    concatenated along dim 0. Returns (temp path, bytes, sha256); `_commit` makes it `path`."""
+    concatenated along dim 0. Returns (temp path, bytes, checksum); `_commit` makes it `path`."""
     parts = {k: v if isinstance(v, list) else [v] for k, v in tensors.items()}
     head, n_data = _header(
         {k: (ts[0].dtype, [sum(len(t) for t in ts), *ts[0].shape[1:]]) for k, ts in parts.items()}
@@ -166,7 +175,7 @@ def _write_tmp(path: Path, tensors: dict[str, Tensor | list[Tensor]]) -> tuple[P
         try:
             sha = _write_direct(tmp, chunks, nbytes)
         except _NoDirectIO:
-            h = hashlib.sha256()
+            h = _new_hash()
             with open(tmp, "wb") as f:
                 for c in chunks:
                     h.update(c)
@@ -187,11 +196,11 @@ _STAGE = 8 << 20
 
 def _write_direct(tmp: Path, chunks: list, nbytes: int) -> str:
     """Write `chunks` to `tmp` with O_DIRECT through an aligned staging buffer; returns the
-    sha256. A buffered write of a shard costs more CPU in the kernel than hashing it (copy into
+    checksum. A buffered write of a shard costs more CPU in the kernel than hashing it (copy into
     the page cache, then writeback: 2.4 s of system time per 2 GB here against 0.25 s direct),
     CPU that caching takes from the forward pass on a small machine."""
     fd = _open_direct(tmp)
-    h = hashlib.sha256()
+    h = _new_hash()
     raw = np.empty(_STAGE + _ALIGN, np.uint8)
     stage = raw[(-raw.ctypes.data) % _ALIGN :][:_STAGE]
     fill = 0
@@ -229,8 +238,10 @@ def _write_direct(tmp: Path, chunks: list, nbytes: int) -> str:
 
 class _ShardImage:
     """A shard file's bytes, built in page-aligned memory: activations are gathered straight
-    into their place in it, the whole image is hashed once and written with O_DIRECT from the
-    same memory, so no activation is copied after the forward pass's own row gather."""
+    into their place in it and written with O_DIRECT from the same memory, so no activation is
+    copied after the forward pass's own row gather. The checksum is taken a batch at a time,
+    right after each gather, while those rows are still in the CPU's cache: hashing the whole
+    image later read 32 MB back from memory and evicted the forward pass's working set."""
 
     def __init__(self, name: str, rows: int, d_in: int, dtype: torch.dtype):
         self.name, self.rows = name, rows
@@ -251,7 +262,18 @@ class _ShardImage:
         a0 = len(self.head)  # 8-byte aligned: any dtype can be viewed there
         width = rows * d_in * torch.empty((), dtype=dtype).element_size()
         self.activations = torch.from_numpy(self.buf[a0 : a0 + width]).view(dtype).view(rows, d_in)
+        self._row_bytes = width // rows
         self._meta0 = a0 + width
+        self._hash = _new_hash(self.head)
+        self._hashed = len(self.head)  # bytes of the image hashed so far, in file order
+
+    def _hash_through(self, end: int) -> None:
+        self._hash.update(self.buf[self._hashed : end])
+        self._hashed = end
+
+    def rows_filled(self, n: int) -> None:
+        """The first `n` activation rows are in place: hash the new ones."""
+        self._hash_through(self._meta0 - (self.rows - n) * self._row_bytes)
 
     def put_meta(self, tokens: Tensor, context: Tensor, position: Tensor) -> None:
         """The per-row metadata, after the activations (byte copies: their offsets need not be
@@ -261,10 +283,13 @@ class _ShardImage:
             b = t.to(dtype).contiguous().view(torch.uint8).numpy()
             self.buf[pos : pos + len(b)] = b
             pos += len(b)
-        assert pos == self.nbytes
+        assert pos == self.nbytes and self._hashed == self._meta0
+        self._hash_through(pos)
 
-    def sha256(self) -> str:
-        return hashlib.sha256(self.buf[: self.nbytes]).hexdigest()  # releases the GIL
+    def checksum(self) -> str:
+        """Of the whole file; after `put_meta`."""
+        assert self._hashed == self.nbytes
+        return self._hash.hexdigest()
 
     def write(self, path: Path) -> Path:
         """The image into a temp file beside `path`; `_commit` makes it `path`."""
@@ -304,29 +329,29 @@ def _open_direct(tmp: Path) -> int:
         raise
 
 
-def _commit(tmp: Path, path: Path) -> None:
-    """fsync a temp file, then rename it into place."""
+def _commit(tmp: Path, path: Path, durable: bool = True) -> None:
+    """Rename a temp file into place, after an fsync if `durable`."""
     try:
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except OSError as e:
         raise write_error(e, path, tmp) from None
 
 
 def _write_safetensors(path: Path, tensors: dict[str, Tensor | list[Tensor]]) -> tuple[int, str]:
-    """Write a safetensors file atomically; returns (bytes, sha256)."""
+    """Write a safetensors file atomically; returns (bytes, checksum)."""
     tmp, nbytes, sha = _write_tmp(path, tensors)
     _commit(tmp, path)
     return nbytes, sha
 
 
-def _read_verified(path: Path, entry: dict) -> dict[str, Tensor]:
-    """Tensors of a file whose size and sha256 must match its manifest entry."""
-    name = path.name
+def _verified_bytes(path: Path, entry: dict) -> bytes:
+    """A file's bytes, whose size and checksum must match its manifest entry."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -338,10 +363,17 @@ def _read_verified(path: Path, entry: dict) -> dict[str, Tensor]:
             f"cache file {path} has {size} bytes, the manifest says {entry['bytes']}: it is corrupt; rebuild the cache"
         )
     data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+    if _new_hash(data).hexdigest() != entry[CHECKSUM]:
         raise SaekitError(
-            f"cache file {path} fails its sha256 check: it is corrupt; rebuild the cache"
+            f"cache file {path} fails its {CHECKSUM} check: it is corrupt; rebuild the cache"
         )
+    return data
+
+
+def _read_verified(path: Path, entry: dict) -> dict[str, Tensor]:
+    """Tensors of a file whose size and checksum must match its manifest entry."""
+    data = _verified_bytes(path, entry)
+    name = path.name
     try:
         return st_load(data)
     except Exception as e:  # noqa: BLE001 - safetensors raises several types
@@ -519,6 +551,7 @@ class _SiteWriter:
                 torch.index_select(acts, 0, index[lo : lo + take], out=dst)
             else:
                 dst.copy_(acts.index_select(0, index[lo : lo + take]))
+            self.shard.rows_filled(self.fill + take)
             self.norms.append(dst.float().norm(dim=1))
             self.meta.append({k: v[lo : lo + take] for k, v in meta.items()})
             self.fill += take
@@ -532,58 +565,59 @@ class _SiteWriter:
                 submit(self, shard, norm_sum)
 
     def store(self, shard: _ShardImage, sha: str, norm_sum: float) -> None:
-        """I/O thread: the shard on disk and in place, then the manifest that lists it."""
-        _commit(shard.write(self.out / shard.name), self.out / shard.name)
-        m = self.manifest
-        m["shards"].append(
-            {
-                "file": shard.name,
-                "rows": shard.rows,
-                "bytes": shard.nbytes,
-                "sha256": sha,
-                "norm_sum": norm_sum,
-            }
-        )
-        st = m["stats"]
-        st["norm_sum"] = sum(s["norm_sum"] for s in m["shards"])  # summed in order: resume-exact
-        st["rows"] = sum(s["rows"] for s in m["shards"])
-        st["mean_norm"] = st["norm_sum"] / st["rows"]
-        m["n_tokens"] = st["rows"]
-        atomic_write_json(self.out / MANIFEST, m)
+        """I/O thread: the shard on disk and in place, then the manifest that lists it. Both
+        are renamed into place, so that a killed run leaves only whole files. Neither is
+        fsynced: on this VM a flush per shard cost ~5% of caching time (the host writes its
+        cache of the disk back), and the kernel flushes within seconds anyway. After a power
+        loss, `--resume` finds a shard that never reached the disk by its checksum and makes
+        it again (`_keep_whole_shards`)."""
+        _commit(shard.write(self.out / shard.name), self.out / shard.name, durable=False)
+        entry = {"file": shard.name, "rows": shard.rows, "bytes": shard.nbytes, CHECKSUM: sha,
+                 "norm_sum": norm_sum}  # fmt: skip
+        _set_shards(self.manifest, [*self.manifest["shards"], entry])
+        atomic_write_json(self.out / MANIFEST, self.manifest, durable=False)
+
+
+def _set_shards(m: dict, shards: list[dict]) -> None:
+    """A manifest's shard list, and the totals derived from it."""
+    m["shards"] = shards
+    st = m["stats"]
+    st["norm_sum"] = sum(s["norm_sum"] for s in shards)  # summed in order: resume-exact
+    st["rows"] = sum(s["rows"] for s in shards)
+    st["mean_norm"] = st["norm_sum"] / st["rows"] if st["rows"] else None
+    m["n_tokens"] = st["rows"]
+
+
+def _keep_whole_shards(d: Path, m: dict) -> None:
+    """--resume: drop the manifest's shards from the first one that is missing or damaged (a
+    power loss can leave listed shards that never reached the disk); they are made again."""
+    for i, s in enumerate(m["shards"]):
+        try:
+            _verified_bytes(d / s["file"], s)
+        except SaekitError as e:
+            print(f"saekit cache: {e.args[0].split(';')[0]}; making it and the {len(m['shards']) - i - 1} after it again",
+                  file=sys.stderr)  # fmt: skip
+            _set_shards(m, m["shards"][:i])
+            m["complete"] = False
+            atomic_write_json(d / MANIFEST, m)
+            return
 
 
 class _ShardPipeline:
-    """Hashes full shards two at a time, both cores at once, between forward passes; writes,
-    fsyncs and lists them on a background thread that mostly waits on the disk.
+    """Writes and lists full shards on a background thread that mostly waits on the disk. At
+    most `depth` shards wait for it, which bounds memory; the default (8 shards, 256 MB at the
+    default --shard-mb) rides out the disk's stalls here: with 3 the forward pass waited on the
+    queue for ~6% of the run."""
 
-    Measured on 2 cores (docs/benchmarks.md): hashing on a thread concurrently with the forward
-    pass cost more than it hid (the forward's OpenMP threads, short of a core, wait for each
-    other at every barrier); hashing in a pause of the forward, on both cores, costs half the
-    hash. At most `depth` shards wait for the disk, which bounds memory."""
-
-    def __init__(self, depth: int = 3):
+    def __init__(self, depth: int = 8):
         self.error: BaseException | None = None
-        self.pending: list[tuple[_SiteWriter, _ShardImage, float]] = []
-        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-hash")
         self.io_q: queue.Queue = queue.Queue(maxsize=depth)
         self.io = threading.Thread(target=self._io_loop, daemon=True)
         self.io.start()
 
     def submit(self, writer: _SiteWriter, shard: _ShardImage, norm_sum: float) -> None:
         self._check()
-        self.pending.append((writer, shard, norm_sum))
-        if len(self.pending) == 2:
-            self.flush()
-
-    def flush(self) -> None:
-        """Hash the pending shards (the second on the helper thread) and queue their writes."""
-        if not self.pending:
-            return
-        other = [self.hasher.submit(sh.sha256) for _, sh, _ in self.pending[1:]]
-        shas = [self.pending[0][1].sha256()] + [f.result() for f in other]
-        for (writer, shard, norm_sum), sha in zip(self.pending, shas, strict=True):
-            self.io_q.put((writer, shard, sha, norm_sum))
-        self.pending = []
+        self.io_q.put((writer, shard, shard.checksum(), norm_sum))
 
     def _io_loop(self) -> None:
         while (item := self.io_q.get()) is not None:
@@ -594,21 +628,66 @@ class _ShardPipeline:
                 except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
                     self.error = e
 
-    def close(self, flush: bool = True) -> None:
-        """Write what is pending (not after an error on the main thread: a killed run loses
-        nothing either way, and the shards so far are in the manifest), then stop."""
-        try:
-            if flush and self.error is None:
-                self.flush()
-        finally:
-            self.io_q.put(None)
-            self.io.join()
-            self.hasher.shutdown()
+    def close(self) -> None:
+        """Write what is queued (a killed run loses nothing either way: the shards so far are
+        in the manifest), then stop."""
+        self.io_q.put(None)
+        self.io.join()
         self._check()
 
     def _check(self) -> None:
         if self.error is not None:
             raise self.error
+
+
+def write_cache(
+    out: str | Path, shards: list[dict[str, Tensor]], complete: bool = True, **settings: Any
+) -> Path:
+    """A cache dir in the format `saekit cache` writes, from shards of ready tensors (each with
+    `activations` [rows, d_in], `tokens`, `context` and `position` [rows]): for synthetic data in
+    tests and benchmarks, or activations computed elsewhere. `settings` override the manifest's
+    defaults (model, site, hook_name, layer, context_size, dataset, ...)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, t in enumerate(shards):
+        name = f"shard-{i:05d}.safetensors"
+        t = {
+            "activations": t["activations"].contiguous(),
+            "tokens": t["tokens"].to(torch.int32).contiguous(),
+            "context": t["context"].to(torch.int64).contiguous(),
+            "position": t["position"].to(torch.int32).contiguous(),
+        }
+        nbytes, digest = _write_safetensors(out / name, t)
+        norm_sum = float(t["activations"].double().norm(dim=1).sum())
+        entries.append(
+            {"file": name, "rows": len(t["tokens"]), "bytes": nbytes, CHECKSUM: digest,
+             "norm_sum": norm_sum}
+        )  # fmt: skip
+    a = shards[0]["activations"]
+    rows = sum(e["rows"] for e in entries)
+    norm_sum = sum(e["norm_sum"] for e in entries)
+    dtype = next(k for k, v in DTYPES.items() if v == a.dtype)
+    manifest = {
+        "format": "saekit-activation-cache",
+        "format_version": FORMAT_VERSION,
+        "model": "synthetic",
+        "site": "mlp_post",
+        "hook_name": "blocks.0.mlp.hook_post",
+        "layer": 0,
+        "d_in": int(a.shape[1]),
+        "dtype": dtype,
+        "context_size": 128,
+        "dataset": {"name": "synthetic"},
+        "target_tokens": rows,
+        **settings,
+        "n_tokens": rows,
+        "complete": complete,
+        "stats": {"mean_norm": norm_sum / rows, "norm_sum": norm_sum, "rows": rows},
+        "shards": entries,
+    }
+    atomic_write_json(out / MANIFEST, manifest)
+    return out
 
 
 def _load_existing(path: Path) -> dict | None:
@@ -734,9 +813,11 @@ def prepare_cache(cfg: CacheConfig) -> CacheJob:
             p.unlink()  # left by a killed run
         if m is None:
             nbytes, sha = _write_safetensors(d / CONTEXTS, contexts)
-            entry = {"file": CONTEXTS, "n_contexts": len(ids), "bytes": nbytes, "sha256": sha}
+            entry = {"file": CONTEXTS, "n_contexts": len(ids), "bytes": nbytes, CHECKSUM: sha}
             m = _new_manifest(st, entry, s)
             atomic_write_json(d / MANIFEST, m)
+        else:
+            _keep_whole_shards(d, m)
         writers.append(_SiteWriter(s, d, m, dtype, cfg.tokens))
     keep = _keep_mask(ctx, tokenizer.bos_token_id, cfg.include_bos)
     return CacheJob(cfg, model, sites, writers, ids, ctx, keep)
@@ -765,7 +846,6 @@ def run_cache(job: CacheJob) -> float:
         total=cfg.tokens, initial=done, unit="tok", unit_scale=True, desc="cache", file=sys.stderr
     )
     pipeline = _ShardPipeline()
-    ok = False
     try:
         for b0 in range((first_ctx // B) * B, len(ctx), B):
             tok = ctx[b0 : b0 + B]
@@ -780,13 +860,12 @@ def run_cache(job: CacheJob) -> float:
             for w, (a, a_idx) in zip(writers, acts, strict=True):
                 w.add(a, a_idx, meta, starts[b0], pipeline.submit)
             bar.update(max(0, min(cum[min(b0 + B, len(cum)) - 1], cfg.tokens) - bar.n))
-        ok = True
     finally:
         bar.close()
-        pipeline.close(flush=ok)
+        pipeline.close()
     for w in writers:
         w.manifest["complete"] = True
-        atomic_write_json(w.out / MANIFEST, w.manifest)
+        atomic_write_json(w.out / MANIFEST, w.manifest, durable=False)
     return time.perf_counter() - t0
 
 
@@ -840,12 +919,12 @@ def _check_shard_list(d: Path, m: dict) -> None:
             and isinstance(s.get("file"), str)
             and isinstance(s.get("rows"), int)
             and isinstance(s.get("bytes"), int)
-            and isinstance(s.get("sha256"), str)
+            and isinstance(s.get(CHECKSUM), str)
             and s["rows"] >= 0
         )
         if not ok:
             raise SaekitError(
-                f"{bad}: shard entry {i} lacks file, rows, bytes or sha256; rebuild the cache"
+                f"{bad}: shard entry {i} lacks file, rows, bytes or {CHECKSUM}; rebuild the cache"
             )
         f = Path(s["file"])
         if f.is_absolute() or ".." in f.parts:
@@ -896,7 +975,7 @@ class CacheReader:
             raise SaekitError(f"cache {self.dir} has no rows; rebuild it with more --tokens")
 
     def load_shard(self, i: int) -> dict[str, Tensor]:
-        """Shard i's tensors, verified against the manifest (size, sha256, keys, dtype, shape, finite)."""
+        """Shard i's tensors, verified against the manifest (size, checksum, keys, dtype, shape, finite)."""
         entry = self.shards[i]
         path = self.dir / entry["file"]
         t = _read_verified(path, entry)
@@ -931,8 +1010,43 @@ class CacheReader:
         perm = np.random.default_rng([self.seed, epoch, g]).permutation(len(acts))
         return acts, torch.from_numpy(perm)
 
-    def batches(self, start_batch: int = 0) -> Iterator[Tensor]:
-        """Batches [batch_size, d_in] forever, starting with batch `start_batch`."""
+    def batches(self, start_batch: int = 0, depth: int = 4) -> Iterator[Tensor]:
+        """Batches [batch_size, d_in] forever, starting with batch `start_batch`. A background
+        thread cuts them (the shuffle's gather), up to `depth` ahead, while the consumer trains;
+        a load error is raised here, on the consumer's thread."""
+        q: queue.Queue = queue.Queue(maxsize=depth)
+        stop = threading.Event()
+
+        def produce() -> None:
+            source = self._host_batches(start_batch)
+            try:
+                for item in source:
+                    while not stop.is_set():
+                        try:
+                            q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            pass
+                    if stop.is_set():
+                        return
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                q.put(e)
+            finally:
+                source.close()
+
+        thread = threading.Thread(target=produce, daemon=True, name="cache-batches")
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item.to(self.device)
+        finally:
+            stop.set()
+
+    def _host_batches(self, start_batch: int) -> Iterator[Tensor]:
+        """The stream of `batches`, in host memory, computed on the calling thread."""
         pos = start_batch * self.batch_size
         epoch, skip = divmod(pos, self.n_rows)
         groups = self._epoch_groups(epoch)
@@ -953,24 +1067,29 @@ class CacheReader:
             carry: list[Tensor] = []
             n_carry = 0
             while True:
-                acts, perm = fut.result()  # re-raises a load error here, on the consumer's thread
+                acts, perm = fut.result()  # re-raises a load error
                 key = next_key(*key)
                 fut = pool.submit(self._load_group, key[0], key[1], key[2][key[1]])
+                # The gather in numpy: one thread, where a torch op on this thread would start
+                # a second OpenMP team competing with the trainer's for the cores.
+                dtype = acts.dtype
+                rows = (acts.view(torch.int16) if dtype == torch.bfloat16 else acts).numpy()
+                perm_np = perm.numpy()
                 i = skip
                 skip = 0
                 while i < len(perm):
                     take = min(self.batch_size - n_carry, len(perm) - i)
-                    part = acts[perm[i : i + take]]
+                    part = torch.from_numpy(rows[perm_np[i : i + take]]).view(dtype)
                     i += take
                     if n_carry == 0 and take == self.batch_size:
-                        yield part.to(self.device)
+                        yield part
                         continue
                     carry.append(part)
                     n_carry += take
                     if n_carry == self.batch_size:
-                        yield torch.cat(carry).to(self.device)
+                        yield torch.cat(carry)
                         carry, n_carry = [], 0
-                del acts, perm
+                del acts, perm, rows
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 

@@ -6,7 +6,7 @@ writes a complete cache of its own into OUT/worker-i/. Workers share nothing but
 start them as separate jobs (`--num-workers K --worker-index i`) or under torchrun (the rank is
 the worker index). When the last one finishes it merges; `saekit cache-merge --out OUT` does
 the same by hand. The merge writes only OUT/manifest.json and OUT/contexts.safetensors: the
-shards stay in the worker dirs and the manifest lists them by relative path with their sha256,
+shards stay in the worker dirs and the manifest lists them by relative path with their checksums,
 so `CacheReader(OUT)` reads one cache holding every row exactly once.
 """
 
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from activations.cache import (
+    CHECKSUM,
     CONTEXTS,
     DTYPES,
     FORMAT_VERSION,
@@ -116,7 +117,7 @@ def build_cache_worker(cfg: CacheConfig, index: int, count: int) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     contexts = {"context": ids[mine].contiguous(), "tokens": ctx[mine].to(torch.int32)}
     nbytes, sha = _write_safetensors(out / CONTEXTS, contexts)
-    entry = {"file": CONTEXTS, "n_contexts": int(mine.sum()), "bytes": nbytes, "sha256": sha}
+    entry = {"file": CONTEXTS, "n_contexts": int(mine.sum()), "bytes": nbytes, CHECKSUM: sha}
     m = _new_manifest({**settings, "target_tokens": target}, entry, site)
     m["worker"] = {"index": index, "count": count, "total_tokens": cfg.tokens}
     atomic_write_json(out / MANIFEST, m)
@@ -214,7 +215,7 @@ def merge_cache(cfg: MergeConfig) -> Path:
             "file": CONTEXTS,
             "n_contexts": len(contexts["context"]),
             "bytes": nbytes,
-            "sha256": sha,
+            CHECKSUM: sha,
         },
         n_tokens=rows,
         stats={"mean_norm": norm_sum / rows, "norm_sum": norm_sum, "rows": rows},

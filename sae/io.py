@@ -29,15 +29,18 @@ SAEKIT_FILE = "saekit.json"
 SAELENS_FORMAT_VERSION = "6.0.0"
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> None:
+    """Write `data` to `path` so that readers see either the old file or the whole new one.
+    `durable`: fsync before the rename, so that this holds across a power loss too (a killed
+    process needs no fsync: what it wrote is in the kernel)."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         raise write_error(e, path, tmp) from None
@@ -54,8 +57,8 @@ def write_error(e: OSError, path: Path, tmp: Path | None = None) -> OSError:
     return OSError(e.errno, e.strerror or str(e), str(path))
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+def atomic_write_json(path: str | Path, obj: Any, durable: bool = True) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode(), durable)
 
 
 def atomic_save_safetensors(

@@ -282,22 +282,26 @@ class SAE(nn.Module):
         mse = torch.dot(err.view(-1), err.view(-1)) / B
         g = err.mul_(2 / B)  # dL/drecon
         f_sum = torch.mv(f.t(), ones)  # per feature, sum over the batch
-        g_pre = self._buf("g_pre", (B, m))
+        # f >= 0, so sign(f) is the firing mask; g_pre's buffer holds it until dL/df
+        s = torch.sign(f, out=self._buf("g_pre", (B, m)))
         if f.dtype == torch.bfloat16:  # 8-bit mantissa: counts above 256 would round
             fired = (f > 0).sum(0)
-        else:  # f >= 0, so sign(f) is the firing mask; g_pre's buffer is free until dL/df
-            fired = torch.mv(torch.sign(f, out=g_pre).t(), ones).long()
+        else:
+            fired = torch.mv(s.t(), ones).long()
+        g_pre = s
+        torch.mm(f.t(), g, out=W_dec.grad)
         if v2:
             norms = W_dec.norm(dim=1)
             sparsity = (f_sum @ norms) / B
-            bias = norms * (l1_coef / B)  # d(l1 * sparsity)/df
+            # d/dW_dec of sum_i f_i ||W_dec,i||; dL/df = g W_dec^T + l1 ||W_dec,i|| / B
+            W_dec.grad.addcmul_((f_sum * (l1_coef / B) / norms.clamp_min(1e-12))[:, None], W_dec)
+            torch.addmm(norms * (l1_coef / B), g, W_dec.t(), out=g_pre)
         else:
             sparsity = f_sum.sum() / B
-            bias = self._buf("l1", (m,)).fill_(l1_coef / B)
-        torch.mm(f.t(), g, out=W_dec.grad)
-        if v2:  # d/dW_dec of sum_i f_i ||W_dec,i||
-            W_dec.grad.addcmul_((f_sum * (l1_coef / B) / norms.clamp_min(1e-12))[:, None], W_dec)
-        torch.addmm(bias, g, W_dec.t(), out=g_pre)  # dL/df
+            # dL/df = g W_dec^T + l1/B. g_pre still holds s = sign(f); the GEMM's beta adds
+            # (l1/B) * s in place of a broadcast copy of the bias (a [B, d_sae] pass): where
+            # f > 0 that is l1/B, and elsewhere the ReLU mask below zeroes it anyway.
+            g_pre.addmm_(g, W_dec.t(), beta=l1_coef / B)
         torch.ops.aten.threshold_backward.grad_input(g_pre, f, 0, grad_input=g_pre)  # dL/dpre
         torch.mm(x_in.t(), g_pre, out=W_enc.grad)
         torch.mv(g_pre.t(), ones, out=b_enc.grad)

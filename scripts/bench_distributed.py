@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts.bench_train import write_cache
+from scripts.bench_train import write_synthetic_cache
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="CPU threads in all")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cache = write_cache(Path(tmp) / "cache")
+        cache = write_synthetic_cache(Path(tmp) / "cache")
         rows = [
             ("1 process", 1, args.threads),
             (f"torchrun, 2 ranks x {args.threads // 2} thread(s)", 2, max(1, args.threads // 2)),

@@ -19,8 +19,6 @@ repetitions after --warmup are compared, so load from other processes affects bo
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import statistics
 import tempfile
@@ -29,9 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
 
-from activations.cache import CacheReader, read_manifest
+from activations.cache import CacheReader, read_manifest, write_cache
 from sae.model import SAE, StepOutput
 from training.config import TrainConfig
 from training.trainer import Trainer, _manifest_info
@@ -39,45 +36,21 @@ from training.trainer import Trainer, _manifest_info
 D_IN, BATCH = 512, 4096
 
 
-def write_cache(out: Path, n_rows: int = 65_536, shard_rows: int = 8192, seed: int = 0) -> Path:
+def write_synthetic_cache(
+    out: Path, n_rows: int = 65_536, shard_rows: int = 8192, seed: int = 0
+) -> Path:
     """A cache in activations/cache.py's format: sparse non-negative sums of random directions."""
-    out.mkdir(parents=True)
     g = torch.Generator().manual_seed(seed)
     D = torch.randn(2048, D_IN, generator=g)
     D /= D.norm(dim=1, keepdim=True)
-    shards, norm_sum = [], 0.0
-    for i, s in enumerate(range(0, n_rows, shard_rows)):
+    shards = []
+    for s in range(0, n_rows, shard_rows):
         n = min(shard_rows, n_rows - s)
         codes = (torch.rand(n, len(D), generator=g) < 0.01) * torch.rand(n, len(D), generator=g)
         a = (codes @ D + 0.05 * torch.randn(n, D_IN, generator=g)).relu()
-        norm_sum += float(a.double().norm(dim=1).sum())
-        data = save(
-            {
-                "activations": a,
-                "tokens": torch.zeros(n, dtype=torch.int32),
-                "context": torch.arange(s, s + n),
-                "position": torch.ones(n, dtype=torch.int32),
-            }
-        )
-        name = f"shard-{i:05d}.safetensors"
-        (out / name).write_bytes(data)
-        shards.append(
-            {
-                "file": name,
-                "rows": n,
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-            }
-        )
-    manifest = {
-        "format": "saekit-activation-cache", "format_version": 1, "model": "synthetic",
-        "site": "mlp_post", "hook_name": "blocks.0.mlp.hook_post", "layer": 0, "d_in": D_IN,
-        "dtype": "float32", "context_size": 128, "dataset": {"name": "synthetic"},
-        "n_tokens": n_rows, "target_tokens": n_rows, "complete": True,
-        "stats": {"mean_norm": norm_sum / n_rows, "rows": n_rows}, "shards": shards,
-    }  # fmt: skip
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
+        shards.append({"activations": a, "tokens": torch.zeros(n), "context": torch.arange(s, s + n),
+                       "position": torch.ones(n)})  # fmt: skip
+    return write_cache(out, shards)
 
 
 def make_trainer(cache: Path, out: Path, **kw) -> Trainer:
@@ -197,7 +170,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        cache = write_cache(tmp / "cache")
+        cache = write_synthetic_cache(tmp / "cache")
 
         trainer = make_trainer(cache, tmp / "relu", arch="relu_l1", features=4096)
         full_step, close = step_fn(trainer)

@@ -232,7 +232,7 @@ def test_nan_shard_is_refused(resid_cache, tmp_path):
     nbytes, sha = _write_safetensors(
         d / "shard-00002.safetensors", t
     )  # a valid file with a valid hash
-    m["shards"][2].update(bytes=nbytes, sha256=sha)
+    m["shards"][2].update(bytes=nbytes, xxh3_128=sha)
     (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(SaekitError, match=r"shard-00002.safetensors.*NaN"):
         CacheReader(d, batch_size=64).sample(3000, seed=1)

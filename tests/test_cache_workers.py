@@ -17,7 +17,7 @@ TOKENS = 30_000
 
 def _rows(reader: CacheReader) -> tuple[torch.Tensor, torch.Tensor]:
     """(context, position) keys and activations of every row, sorted by key."""
-    shards = [reader.load_shard(i) for i in range(len(reader.shards))]  # verifies sha256 too
+    shards = [reader.load_shard(i) for i in range(len(reader.shards))]  # verifies checksums too
     key = torch.cat([s["context"] * 10_000 + s["position"] for s in shards])
     acts = torch.cat([s["activations"] for s in shards])
     order = key.argsort()
@@ -41,7 +41,7 @@ def test_two_workers_merge_to_the_one_process_cache(tmp_path):
     ma, mb = a.manifest, b.manifest
     assert mb["stats"]["mean_norm"] == pytest.approx(ma["stats"]["mean_norm"], rel=1e-12)
     assert {s["file"].split("/")[0] for s in mb["shards"]} == {"worker-0", "worker-1"}
-    assert all(len(s["sha256"]) == 64 for s in mb["shards"])
+    assert all(len(s["xxh3_128"]) == 32 for s in mb["shards"])
     for k in ("model", "site", "d_in", "dtype", "context_size", "dataset", "seed"):
         assert ma[k] == mb[k], k
     # Worker 1 has the odd contexts of the seeded order.

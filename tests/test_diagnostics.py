@@ -455,51 +455,15 @@ def write_cache(
     cache: Path, acts: torch.Tensor, tokens: torch.Tensor, hook: str, shard_rows: int
 ) -> None:
     """A cache dir in the documented format (manifest + verified shards) with planted rows."""
-    from sae.io import atomic_write_json, sha256_file
+    from activations.cache import write_cache as write
 
-    cache.mkdir(parents=True)
-    n = len(acts)
-    shards = []
-    for k, lo in enumerate(range(0, n, shard_rows)):
-        sl = slice(lo, lo + shard_rows)
-        rows = torch.arange(n)[sl]
-        name = f"shard-{k:05d}.safetensors"
-        atomic_save_safetensors(
-            cache / name,
-            {
-                "activations": acts[sl].contiguous(),
-                "tokens": tokens[sl].int(),
-                "context": (rows // 50).long(),
-                "position": (rows % 50 + 1).int(),
-            },
-        )
-        shards.append(
-            {
-                "file": name,
-                "rows": len(rows),
-                "bytes": (cache / name).stat().st_size,
-                "sha256": sha256_file(cache / name),
-                "norm_sum": float(acts[sl].norm(dim=1).sum()),
-            }
-        )
-    atomic_write_json(
-        cache / "manifest.json",
-        {
-            "format": "saekit-activation-cache",
-            "format_version": 1,
-            "model": "default",
-            "site": "resid_post",
-            "hook_name": hook,
-            "layer": 0,
-            "d_in": acts.shape[1],
-            "dtype": "float32",
-            "context_size": 51,
-            "n_tokens": n,
-            "complete": True,
-            "stats": {"mean_norm": 1.0, "norm_sum": 1.0, "rows": n},
-            "shards": shards,
-        },
-    )
+    rows = torch.arange(len(acts))
+    shards = [
+        {"activations": acts[sl], "tokens": tokens[sl], "context": rows[sl] // 50,
+         "position": rows[sl] % 50 + 1}
+        for sl in (slice(lo, lo + shard_rows) for lo in range(0, len(acts), shard_rows))
+    ]  # fmt: skip
+    write(cache, shards, model="default", site="resid_post", hook_name=hook, context_size=51)
 
 
 def test_fresh_density_and_top_contexts_from_a_cache(tmp_path):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from safetensors.torch import load_file
 
 from scripts.cli import main as cli_main
@@ -70,6 +71,11 @@ def error_line(stderr: str) -> str:
 
 def sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def xxh(p: Path) -> str:
+    """The checksum the cache's manifest records for a file."""
+    return xxhash.xxh3_128(p.read_bytes()).hexdigest()
 
 
 def tree(d: Path) -> dict[str, str]:
@@ -149,11 +155,11 @@ def shard_progress(d: Path) -> int:
 
 def check_cache_after_kill(d: Path) -> str:
     """What a reader of a killed cache may rely on: the manifest parses, every shard it lists is
-    whole (size and sha256), and nothing is marked complete early."""
+    whole (size and checksum), and nothing is marked complete early."""
     m = json.loads((d / "manifest.json").read_text())
     for s in m["shards"]:
         p = d / s["file"]
-        assert p.stat().st_size == s["bytes"] and sha(p) == s["sha256"], s["file"]
+        assert p.stat().st_size == s["bytes"] and xxh(p) == s["xxh3_128"], s["file"]
     assert m["n_tokens"] == sum(s["rows"] for s in m["shards"])
     if any(".tmp-" in n for n in os.listdir(d)):
         return "during a write (temporary file left)"
@@ -418,11 +424,11 @@ CACHE_CORRUPTIONS = {
     # name: (damage(cache_dir), words the error line must hold)
     "flipped_byte_in_shard_data": (
         lambda d: flip_byte(d / "shard-00003.safetensors"),
-        ["shard-00003.safetensors", "sha256"],
+        ["shard-00003.safetensors", "xxh3_128"],
     ),
     "flipped_byte_in_shard_header": (
         lambda d: flip_byte(d / "shard-00003.safetensors", at=20),
-        ["shard-00003.safetensors", "sha256"],
+        ["shard-00003.safetensors", "xxh3_128"],
     ),
     "truncated_shard": (
         lambda d: (d / "shard-00002.safetensors").write_bytes(
@@ -444,7 +450,7 @@ CACHE_CORRUPTIONS = {
             (d / "shard-00001.safetensors").rename(d / "shard-00000.safetensors"),
             (d / "x").rename(d / "shard-00001.safetensors"),
         ],
-        ["shard-0000", "sha256"],
+        ["shard-0000", "xxh3_128"],
     ),
     "manifest_truncated": (
         lambda d: (d / "manifest.json").write_bytes((d / "manifest.json").read_bytes()[:300]),
@@ -458,9 +464,9 @@ CACHE_CORRUPTIONS = {
         lambda d: (d / "manifest.json").write_text("[1, 2, 3]"),
         ["manifest.json", "not a saekit cache manifest"],
     ),
-    "manifest_sha256_edited": (
-        lambda d: edit_manifest(d, lambda m: _set(m, ("shards", 1, "sha256"), "0" * 64)),
-        ["shard-00001.safetensors", "sha256"],
+    "manifest_checksum_edited": (
+        lambda d: edit_manifest(d, lambda m: _set(m, ("shards", 1, "xxh3_128"), "0" * 64)),
+        ["shard-00001.safetensors", "xxh3_128"],
     ),
     "manifest_rows_edited": (
         lambda d: edit_manifest(d, lambda m: _set(m, ("shards", 1, "rows"), 100)),
@@ -490,8 +496,8 @@ CACHE_CORRUPTIONS = {
         ),
         ["manifest.json", "shard-00000.safetensors twice"],
     ),
-    "manifest_shard_entry_lacks_sha256": (
-        lambda d: edit_manifest(d, lambda m: m["shards"][3].pop("sha256")),
+    "manifest_shard_entry_lacks_checksum": (
+        lambda d: edit_manifest(d, lambda m: m["shards"][3].pop("xxh3_128")),
         ["manifest.json", "shard entry 3"],
     ),
     "manifest_points_outside_the_cache": (
@@ -526,6 +532,26 @@ def test_corrupt_cache_is_refused_by_train(case, small_cache, tmp_path, capsys):
     assert not out.exists()  # nothing half-written
 
 
+def test_resume_remakes_listed_shards_that_never_reached_the_disk(small_cache, tmp_path, capsys):
+    """Shards and manifests are renamed into place without an fsync, so after a power loss the
+    manifest may list a shard whose bytes never reached the disk (zeros, or a short file).
+    `--resume` checks every listed shard and makes the damaged one and those after it again:
+    the cache ends byte-identical to one never interrupted."""
+    d = tmp_path / "cache"
+    shutil.copytree(small_cache, d)
+    before = tree(d)
+    edit_manifest(d, lambda m: _set(m, ("complete",), False))
+    p = d / "shard-00002.safetensors"
+    p.write_bytes(bytes(p.stat().st_size))  # right size, all zeros
+    (d / "shard-00004.safetensors").write_bytes(b"")
+    capsys.readouterr()
+    cli_main(["cache", "--out", str(d), "--tokens", "3000", "--context-size", "64",
+              "--batch-size", "8", "--shard-mb", "0.25", "--resume"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "shard-00002.safetensors fails its xxh3_128 check" in err, err
+    assert tree(d) == before
+
+
 def test_corrupt_contexts_is_refused_by_cache_resume(small_cache, tmp_path, capsys):
     d = tmp_path / "cache"
     shutil.copytree(small_cache, d)
@@ -534,7 +560,7 @@ def test_corrupt_contexts_is_refused_by_cache_resume(small_cache, tmp_path, caps
     before = tree(d)
     line = refused(["cache", "--out", str(d), "--tokens", "3000", "--context-size", "64",
                     "--batch-size", "8", "--shard-mb", "0.25", "--resume"], capsys)  # fmt: skip
-    assert "contexts.safetensors" in line and "sha256" in line
+    assert "contexts.safetensors" in line and "xxh3_128" in line
     assert tree(d) == before
 
 
@@ -794,13 +820,13 @@ def test_pickled_checkpoint_is_refused(small_cache, interrupted_run, tmp_path, c
 
 
 def test_pickled_shard_with_matching_manifest_is_refused(small_cache, tmp_path, capsys):
-    """Even a payload the manifest vouches for (size and sha256 edited to match) is only ever
+    """Even a payload the manifest vouches for (size and checksum edited to match) is only ever
     parsed as safetensors."""
     marker = tmp_path / "PWNED"
     d = tmp_path / "cache"
     shutil.copytree(small_cache, d)
     p = payload_pt(d / "shard-00001.safetensors", marker)
-    edit_manifest(d, lambda m: m["shards"][1].update(bytes=p.stat().st_size, sha256=sha(p)))
+    edit_manifest(d, lambda m: m["shards"][1].update(bytes=p.stat().st_size, xxh3_128=xxh(p)))
     out = tmp_path / "run"
     line = refused(["train", "--cache", str(d), "--out", str(out), *SMALL_TRAIN], capsys)
     assert "shard-00001.safetensors" in line and "not valid safetensors" in line
@@ -812,7 +838,7 @@ def test_pickled_contexts_with_matching_manifest_is_refused(small_cache, tmp_pat
     d = tmp_path / "cache"
     shutil.copytree(small_cache, d)
     p = payload_pt(d / "contexts.safetensors", marker)
-    edit_manifest(d, lambda m: (m["contexts"].update(bytes=p.stat().st_size, sha256=sha(p)),
+    edit_manifest(d, lambda m: (m["contexts"].update(bytes=p.stat().st_size, xxh3_128=xxh(p)),
                                 _set(m, ("complete",), False)))  # fmt: skip
     line = refused(["cache", "--out", str(d), "--tokens", "3000", "--context-size", "64",
                     "--batch-size", "8", "--shard-mb", "0.25", "--resume"], capsys)  # fmt: skip

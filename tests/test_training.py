@@ -8,7 +8,6 @@ cache in the same on-disk format (sparse combinations of random directions, d_in
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -20,8 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
+from activations.cache import write_cache
 from sae.errors import SaekitError
 from training.config import TrainConfig
 from training.trainer import _event_seed, train
@@ -32,50 +32,20 @@ REPO = Path(__file__).resolve().parents[1]
 def write_synthetic_cache(out: Path, n_rows=100_000, d_in=512, n_true=1024, shard_rows=25_000,
                           seed=0, complete=True, nan_shard=None) -> Path:  # fmt: skip
     """A cache in activations/cache.py's format holding sparse sums of random unit directions."""
-    out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     D = torch.randn(n_true, d_in, generator=g)
     D /= D.norm(dim=1, keepdim=True)
     p = torch.rand(n_true, generator=g) * 0.01
-    shards, norm_sum = [], 0.0
+    shards = []
     for i, s in enumerate(range(0, n_rows, shard_rows)):
         n = min(shard_rows, n_rows - s)
         codes = (torch.rand(n, n_true, generator=g) < p) * torch.rand(n, n_true, generator=g) * 3
         a = (codes @ D + 0.05 * torch.randn(n, d_in, generator=g)).relu().float()
         if nan_shard == i:
             a[0, 0] = float("nan")
-        norm_sum += float(a.double().norm(dim=1).sum())
-        data = save(
-            {
-                "activations": a,
-                "tokens": torch.zeros(n, dtype=torch.int32),
-                "context": torch.arange(s, s + n),
-                "position": torch.ones(n, dtype=torch.int32),
-            }
-        )
-        name = f"shard-{i:05d}.safetensors"
-        (out / name).write_bytes(data)
-        sha = hashlib.sha256(data).hexdigest()
-        shards.append({"file": name, "rows": n, "bytes": len(data), "sha256": sha})
-    manifest = {
-        "format": "saekit-activation-cache",
-        "format_version": 1,
-        "model": "synthetic",
-        "site": "mlp_post",
-        "hook_name": "blocks.0.mlp.hook_post",
-        "layer": 0,
-        "d_in": d_in,
-        "dtype": "float32",
-        "context_size": 128,
-        "dataset": {"name": "synthetic"},
-        "n_tokens": n_rows,
-        "target_tokens": n_rows,
-        "complete": complete,
-        "stats": {"mean_norm": norm_sum / n_rows, "rows": n_rows},
-        "shards": shards,
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
+        shards.append({"activations": a, "tokens": torch.zeros(n), "context": torch.arange(s, s + n),
+                       "position": torch.ones(n)})  # fmt: skip
+    return write_cache(out, shards, complete=complete)
 
 
 def _default_model_available() -> bool:
