@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import math
 import os
@@ -54,6 +55,18 @@ FORMAT_VERSION = 2  # 2: files are checked with XXH3-128 (1 used SHA-256)
 # rewrite the manifest beside it.
 CHECKSUM = "xxh3_128"
 _new_hash = xxhash.xxh3_128
+# Format 1 caches (SHA-256) are still read, so caches made before the change need no rebuild;
+# new caches and resumed ones are format 2.
+_FORMAT_CHECKSUM = {1: "sha256", 2: CHECKSUM}
+_HASHES = {"sha256": hashlib.sha256, CHECKSUM: _new_hash}
+
+
+def entry_checksum(entry: dict) -> str:
+    """A manifest entry's checksum (either format's), or "" if it has none."""
+    for key in _HASHES:
+        if isinstance(entry.get(key), str):
+            return entry[key]
+    return ""
 MANIFEST = "manifest.json"
 CONTEXTS = "contexts.safetensors"
 SHARD_KEYS = ("activations", "tokens", "context", "position")
@@ -363,9 +376,10 @@ def _verified_bytes(path: Path, entry: dict) -> bytes:
             f"cache file {path} has {size} bytes, the manifest says {entry['bytes']}: it is corrupt; rebuild the cache"
         )
     data = path.read_bytes()
-    if _new_hash(data).hexdigest() != entry[CHECKSUM]:
+    algo = CHECKSUM if CHECKSUM in entry else "sha256"
+    if _HASHES[algo](data).hexdigest() != entry.get(algo):
         raise SaekitError(
-            f"cache file {path} fails its {CHECKSUM} check: it is corrupt; rebuild the cache"
+            f"cache file {path} fails its {algo} check: it is corrupt; rebuild the cache"
         )
     return data
 
@@ -888,9 +902,9 @@ def read_manifest(cache_dir: str | Path) -> dict:
             f"{d} is not a saekit cache (no {MANIFEST}); build it with saekit cache --out {d}"
         )
     m = _load_existing(d)
-    if not isinstance(m, dict) or m.get("format_version") != FORMAT_VERSION:
+    if not isinstance(m, dict) or m.get("format_version") not in _FORMAT_CHECKSUM:
         raise SaekitError(
-            f"{d / MANIFEST} is not a saekit cache manifest of format {FORMAT_VERSION}; rebuild the cache"
+            f"{d / MANIFEST} is not a saekit cache manifest of format 1 or 2; rebuild the cache"
         )
     if not m.get("complete"):
         raise SaekitError(
@@ -909,6 +923,7 @@ def _check_shard_list(d: Path, m: dict) -> None:
     """The manifest's shard list is well-formed, names each file once, stays inside the cache
     dir, and adds up to its n_tokens (an edited or damaged manifest is refused, not trusted)."""
     bad = f"{d / MANIFEST} is corrupt or was edited"
+    key = _FORMAT_CHECKSUM.get(m.get("format_version"), CHECKSUM)
     shards = m.get("shards")
     if not isinstance(shards, list) or not isinstance(m.get("d_in"), int):
         raise SaekitError(f"{bad}: it lacks a shard list or d_in; rebuild the cache")
@@ -919,12 +934,12 @@ def _check_shard_list(d: Path, m: dict) -> None:
             and isinstance(s.get("file"), str)
             and isinstance(s.get("rows"), int)
             and isinstance(s.get("bytes"), int)
-            and isinstance(s.get(CHECKSUM), str)
+            and isinstance(s.get(key), str)
             and s["rows"] >= 0
         )
         if not ok:
             raise SaekitError(
-                f"{bad}: shard entry {i} lacks file, rows, bytes or {CHECKSUM}; rebuild the cache"
+                f"{bad}: shard entry {i} lacks file, rows, bytes or {key}; rebuild the cache"
             )
         f = Path(s["file"])
         if f.is_absolute() or ".." in f.parts:

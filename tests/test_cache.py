@@ -219,6 +219,29 @@ def test_flipped_byte_is_refused(resid_cache, tmp_path):
         reader.sample(3000, seed=0)
 
 
+def test_format_1_cache_with_sha256_is_still_read(resid_cache, tmp_path):
+    """Caches made before the switch to XXH3 (format 1, SHA-256) train without a rebuild, and
+    their checksums are still checked."""
+    import shutil
+
+    d = tmp_path / "c"
+    shutil.copytree(resid_cache, d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["format_version"] = 1
+    for e in [*m["shards"], m["contexts"]]:
+        del e["xxh3_128"]
+        e["sha256"] = hashlib.sha256((d / e["file"]).read_bytes()).hexdigest()
+    (d / "manifest.json").write_text(json.dumps(m))
+    want = CacheReader(resid_cache, batch_size=64).sample(500, seed=0)
+    assert torch.equal(CacheReader(d, batch_size=64).sample(500, seed=0), want)
+    p = d / "shard-00001.safetensors"
+    data = bytearray(p.read_bytes())
+    data[-7] ^= 0x01
+    p.write_bytes(bytes(data))
+    with pytest.raises(SaekitError, match=r"shard-00001.safetensors fails its sha256 check"):
+        CacheReader(d, batch_size=64).sample(3000, seed=0)
+
+
 def test_nan_shard_is_refused(resid_cache, tmp_path):
     import shutil
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from activations.cache import CHECKSUM
+from activations.cache import entry_checksum
 from sae.errors import SaekitError, check_device
 from sae.io import (
     SAEKIT_FILE,
@@ -89,7 +89,7 @@ def _cfg_dict(cfg: TrainConfig) -> dict[str, Any]:
 def _cache_fingerprint(manifest: dict) -> str:
     """The identity of a cache's contents (its shards' hashes, in order), not of its path."""
     shards = manifest.get("shards") or []
-    return hashlib.sha256("\n".join(str(s.get(CHECKSUM)) for s in shards).encode()).hexdigest()
+    return hashlib.sha256("\n".join(entry_checksum(s) for s in shards).encode()).hexdigest()
 
 
 def _metrics_step(line: str) -> float:
