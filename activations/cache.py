@@ -67,6 +67,8 @@ def entry_checksum(entry: dict) -> str:
         if isinstance(entry.get(key), str):
             return entry[key]
     return ""
+
+
 MANIFEST = "manifest.json"
 CONTEXTS = "contexts.safetensors"
 SHARD_KEYS = ("activations", "tokens", "context", "position")
