@@ -56,19 +56,9 @@ FORMAT_VERSION = 2  # 2: files are checked with XXH3-128 (1 used SHA-256)
 CHECKSUM = "xxh3_128"
 _new_hash = xxhash.xxh3_128
 # Format 1 caches (SHA-256) are still read, so caches made before the change need no rebuild;
-# new caches and resumed ones are format 2.
+# new caches are format 2 (a format 1 cache cannot be resumed: its settings differ).
 _FORMAT_CHECKSUM = {1: "sha256", 2: CHECKSUM}
 _HASHES = {"sha256": hashlib.sha256, CHECKSUM: _new_hash}
-
-
-def entry_checksum(entry: dict) -> str:
-    """A manifest entry's checksum (either format's), or "" if it has none."""
-    for key in _HASHES:
-        if isinstance(entry.get(key), str):
-            return entry[key]
-    return ""
-
-
 MANIFEST = "manifest.json"
 CONTEXTS = "contexts.safetensors"
 SHARD_KEYS = ("activations", "tokens", "context", "position")
@@ -363,6 +353,14 @@ def _write_safetensors(path: Path, tensors: dict[str, Tensor | list[Tensor]]) ->
     tmp, nbytes, sha = _write_tmp(path, tensors)
     _commit(tmp, path)
     return nbytes, sha
+
+
+def entry_checksum(entry: dict) -> str:
+    """A manifest entry's checksum (either format's), or "" if it has none."""
+    for key in _HASHES:
+        if isinstance(entry.get(key), str):
+            return entry[key]
+    return ""
 
 
 def _verified_bytes(path: Path, entry: dict) -> bytes:
@@ -803,6 +801,10 @@ def prepare_cache(cfg: CacheConfig) -> CacheJob:
     for d, m, st in zip(dirs, existing, settings, strict=True):
         if m is None:
             continue
+        if m.get("format_version") != FORMAT_VERSION:
+            raise SaekitError(
+                f"{d} was made by an older saekit (cache format {m.get('format_version')!r}); it cannot be resumed: rebuild it with --overwrite"
+            )
         diff = [k for k in st if m.get(k) != st[k]]
         if diff:
             k = diff[0]

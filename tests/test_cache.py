@@ -240,6 +240,11 @@ def test_format_1_cache_with_sha256_is_still_read(resid_cache, tmp_path):
     p.write_bytes(bytes(data))
     with pytest.raises(SaekitError, match=r"shard-00001.safetensors fails its sha256 check"):
         CacheReader(d, batch_size=64).sample(3000, seed=0)
+    m["complete"] = False
+    (d / "manifest.json").write_text(json.dumps(m))
+    cfg = small_cfg(d, site="resid_post", tokens=3000, resume=True)
+    with pytest.raises(SaekitError, match=r"cache format 1.*rebuild it with --overwrite"):
+        build_cache(cfg)
 
 
 def test_nan_shard_is_refused(resid_cache, tmp_path):
