@@ -679,8 +679,6 @@ def write_cache(
              "norm_sum": norm_sum}
         )  # fmt: skip
     a = shards[0]["activations"]
-    rows = sum(e["rows"] for e in entries)
-    norm_sum = sum(e["norm_sum"] for e in entries)
     dtype = next(k for k, v in DTYPES.items() if v == a.dtype)
     manifest = {
         "format": "saekit-activation-cache",
@@ -693,13 +691,12 @@ def write_cache(
         "dtype": dtype,
         "context_size": 128,
         "dataset": {"name": "synthetic"},
-        "target_tokens": rows,
+        "target_tokens": sum(e["rows"] for e in entries),
         **settings,
-        "n_tokens": rows,
         "complete": complete,
-        "stats": {"mean_norm": norm_sum / rows, "norm_sum": norm_sum, "rows": rows},
-        "shards": entries,
+        "stats": {},
     }
+    _set_shards(manifest, entries)
     atomic_write_json(out / MANIFEST, manifest)
     return out
 
