@@ -605,13 +605,16 @@ def _set_shards(m: dict, shards: list[dict]) -> None:
 def _keep_whole_shards(d: Path, m: dict) -> None:
     """--resume: drop the manifest's shards from the first one that is missing or damaged (a
     power loss can leave listed shards that never reached the disk); they are made again."""
-    for i, s in enumerate(m["shards"]):
+    shards = m["shards"]
+    bar = tqdm(shards, desc="verify", unit="shard", file=sys.stderr, leave=False)
+    for i, s in enumerate(bar):
         try:
             _verified_bytes(d / s["file"], s)
         except SaekitError as e:
-            print(f"saekit cache: {e.args[0].split(';')[0]}; making it and the {len(m['shards']) - i - 1} after it again",
+            bar.close()
+            print(f"saekit cache: {e.args[0].split(';')[0]}; making it and the {len(shards) - i - 1} after it again",
                   file=sys.stderr)  # fmt: skip
-            _set_shards(m, m["shards"][:i])
+            _set_shards(m, shards[:i])
             m["complete"] = False
             atomic_write_json(d / MANIFEST, m)
             return
