@@ -1062,7 +1062,16 @@ class CacheReader:
                     raise item
                 yield item.to(self.device)
         finally:
+            # Joined, not left running: a daemon thread still inside a torch op when the
+            # interpreter exits is killed mid-C++ frame, which aborts the process ("terminate
+            # called without an active exception") after a run that had finished.
             stop.set()
+            while thread.is_alive():
+                try:
+                    q.get(timeout=0.1)  # unblock a put of an error
+                except queue.Empty:
+                    pass
+            thread.join()
 
     def _host_batches(self, start_batch: int) -> Iterator[Tensor]:
         """The stream of `batches`, in host memory, computed on the calling thread."""

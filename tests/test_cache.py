@@ -247,6 +247,18 @@ def test_format_1_cache_with_sha256_is_still_read(resid_cache, tmp_path):
         build_cache(cfg)
 
 
+def test_closing_batches_joins_the_reader_thread(resid_cache):
+    """A reader thread left running into interpreter exit, inside a torch op, aborted a
+    finished `saekit train` once in CI ("terminate called without an active exception")."""
+    import threading
+
+    for _ in range(5):
+        it = CacheReader(resid_cache, batch_size=64).batches()
+        next(it)
+        it.close()
+        assert not [t for t in threading.enumerate() if t.name == "cache-batches"]
+
+
 def test_nan_shard_is_refused(resid_cache, tmp_path):
     import shutil
 

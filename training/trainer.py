@@ -364,9 +364,9 @@ class Trainer:
         )
         metrics_file = open(self.out / "metrics.jsonl", "a") if main else None
         t0 = time.perf_counter() - self.elapsed
-        batches = self.reader.batches(start_batch=self.step)
+        stream = batches = self.reader.batches(start_batch=self.step)
         if self.world.size > 1:
-            batches = local_slices(batches, self.world, self.device)
+            batches = local_slices(stream, self.world, self.device)
         try:
             for x in batches:
                 if self.step >= S:
@@ -389,6 +389,7 @@ class Trainer:
                     self.elapsed = time.perf_counter() - t0
                     self.save_checkpoint()
         finally:
+            stream.close()  # stops and joins the reader's thread
             if metrics_file is not None:
                 metrics_file.close()
             pbar.close()
