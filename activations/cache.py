@@ -41,9 +41,9 @@ from safetensors.torch import load as st_load
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from activations.sites import Site, harvest_flat, resolve_sites
-from sae.errors import SaekitError, check_device
-from sae.io import atomic_write_json, write_error
+from ..sae.errors import SaekitError, check_device
+from ..sae.io import atomic_write_json, write_error
+from .sites import Site, harvest_flat, resolve_sites
 
 FORMAT_VERSION = 2  # 2: files are checked with XXH3-128 (1 used SHA-256)
 # The checksum of every cache file, and its key in the manifest. Caching hashes every byte it
@@ -502,7 +502,7 @@ def choose_contexts(cfg: CacheConfig, tokenizer) -> tuple[Tensor, Tensor]:
     """(context ids [K] int64, tokens [K, context_size] int64): the fewest contexts, in a seeded
     random order, whose kept positions hold `cfg.tokens` rows. Depends only on (dataset, split,
     text column, context size, seed, tokens, include_bos)."""
-    from activations.corpus import load_texts, tokenize_contexts
+    from .corpus import load_texts, tokenize_contexts
 
     texts = load_texts(cfg.dataset, cfg.split, cfg.text_column)
     pool = tokenize_contexts(
@@ -730,7 +730,7 @@ class CacheJob:
 
 def build_cache(cfg: CacheConfig) -> Path:
     """Cache the activations of `cfg.site` (or `cfg.hook`) and return the output dir."""
-    from activations.cache_workers import build_cache_worker, worker_of
+    from .cache_workers import build_cache_worker, worker_of
 
     index, count = worker_of(cfg)
     if count > 1:  # split over workers (activations/cache_workers.py)
@@ -751,7 +751,7 @@ def build_cache(cfg: CacheConfig) -> Path:
 
 def load_cacheable_model(cfg: CacheConfig):
     """The model in eval mode, checked to have a BOS token and a context long enough."""
-    from activations.models import load_model
+    from .models import load_model
 
     model = load_model(cfg.model, cfg.device, torch.float32)
     model.eval()
@@ -770,7 +770,7 @@ def load_cacheable_model(cfg: CacheConfig):
 def prepare_cache(cfg: CacheConfig) -> CacheJob:
     """Validate everything (before writing anything), then create the dirs, contexts and
     manifests (or take them over from an interrupted run with --resume)."""
-    from activations.models import model_spec
+    from .models import model_spec
 
     _check_config(cfg)
     out = Path(cfg.out)

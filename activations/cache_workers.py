@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from activations.cache import (
+from ..sae.errors import SaekitError
+from ..sae.io import atomic_write_json
+from .cache import (
     CHECKSUM,
     CONTEXTS,
     DTYPES,
@@ -43,8 +45,6 @@ from activations.cache import (
     load_cacheable_model,
     run_cache,
 )
-from sae.errors import SaekitError
-from sae.io import atomic_write_json
 
 # Settings that may differ between a worker's manifest and the merged one.
 WORKER_KEYS = ("worker", "target_tokens", "contexts", "n_tokens", "stats", "shards", "complete")
@@ -70,8 +70,8 @@ def worker_dir(out: str | Path, index: int) -> Path:
 
 def build_cache_worker(cfg: CacheConfig, index: int, count: int) -> Path:
     """Cache worker `index`'s share of the contexts into OUT/worker-index; merge if it is last."""
-    from activations.models import model_spec
-    from activations.sites import resolve_sites
+    from .models import model_spec
+    from .sites import resolve_sites
 
     t0 = time.perf_counter()
     _check_config(cfg)

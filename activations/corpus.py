@@ -18,7 +18,7 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-from sae.errors import SaekitError
+from ..sae.errors import SaekitError
 
 # file suffix -> the `datasets` builder that reads it
 BUILDERS = {

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from activations.corpus import hub_reachable
-from sae.errors import SaekitError
+from ..sae.errors import SaekitError
+from .corpus import hub_reachable
 
 if TYPE_CHECKING:  # transformer_lens takes seconds to import: only where a model is built
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -103,7 +103,7 @@ def _load_default(
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise SaekitError(
-            f"the default model is incomplete ({', '.join(missing)} missing in {model_dir}): run python -m scripts.train_default_model"
+            f"the default model is incomplete ({', '.join(missing)} missing in {model_dir}): run python -m saekit.scripts.experiments.train_default_model"
         )
     cfg = HookedTransformerConfig(**json.loads(files[0].read_text()), device=device, dtype=dtype)
     model = HookedTransformer(cfg, tokenizer=default_tokenizer(model_dir), move_to_device=False)
@@ -112,7 +112,7 @@ def _load_default(
     buffers = {n for n, _ in model.named_buffers()}
     if unexpected or set(missing_keys) - buffers:
         raise SaekitError(
-            f"{files[1]} does not match config.json: run python -m scripts.train_default_model"
+            f"{files[1]} does not match config.json: run python -m saekit.scripts.experiments.train_default_model"
         )
     return _place(model, device, dtype)
 

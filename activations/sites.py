@@ -25,7 +25,7 @@ from torch import Tensor
 if TYPE_CHECKING:  # importing TransformerLens takes seconds; bad input should fail before it
     from transformer_lens import HookedTransformer
 
-from sae.errors import SaekitError
+from ..sae.errors import SaekitError
 
 SITES: dict[str, str] = {
     "mlp_post": "blocks.{layer}.mlp.hook_post",

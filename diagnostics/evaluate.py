@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diagnostics.features import DEAD, ULTRA_RARE, classify
-from sae.errors import SaekitError, check_device
+from ..sae.errors import SaekitError, check_device
+from .features import DEAD, ULTRA_RARE, classify
 
 # x [N, d_in] -> (reconstruction [N, d_in], dense feature activations [N, d_sae])
 SAEFn = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -302,10 +302,10 @@ def check_cache_of_run(cache_dir: Path, manifest: dict, meta: dict, run_dir: Pat
 
 def evaluate(cfg: EvaluateConfig) -> Evaluation:
     """Write eval.json in the run dir (see the module docstring for every number) and print it."""
-    from activations.corpus import load_texts, tokenize_contexts
-    from activations.models import load_model
-    from activations.sites import DERIVED, harvest, resolve_hook
-    from sae.io import atomic_write_json, load_sae
+    from ..activations.corpus import load_texts, tokenize_contexts
+    from ..activations.models import load_model
+    from ..activations.sites import DERIVED, harvest, resolve_hook
+    from ..sae.io import atomic_write_json, load_sae
 
     run_dir = Path(cfg.run)
     if not (run_dir / "cfg.json").is_file():
@@ -324,10 +324,11 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
             )
     dataset, split, col = _dataset_spec(meta.get("dataset"), cfg.dataset, cfg.split)
     hook_name, site = meta["hook_name"], meta.get("site")
-    # The SAE saw BOS rows only if its cache kept them.
-    include_bos = False
+    # The SAE saw BOS rows only if its cache kept them (runs before saekit 0.2 name their
+    # cache by path instead: read it from there).
+    include_bos = bool(meta.get("include_bos", False))
     if meta.get("cache_dir") and (Path(meta["cache_dir"]) / "manifest.json").is_file():
-        from activations.cache import _load_existing
+        from ..activations.cache import _load_existing
 
         manifest = _load_existing(Path(meta["cache_dir"])) or {}
         check_cache_of_run(Path(meta["cache_dir"]), manifest, meta, run_dir)

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from sae.errors import SaekitError
+from .errors import SaekitError
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -114,7 +114,7 @@ def save_sae(sae, run_dir: str | Path, metadata: dict, input_scale: float = 1.0)
     normalisation to mean norm sqrt(d_in)). It is folded into the weights, so the saved SAE works
     on raw activations: W_enc*s, W_dec/s, b_dec/s.
     """
-    from sae.model import SAE
+    from .model import SAE
 
     assert isinstance(sae, SAE)
     run_dir = Path(run_dir)
@@ -201,6 +201,8 @@ _CFG_FIELDS: list[tuple[str, str, bool, Any, str]] = [
     ("metadata.", "site", False, lambda v: v is None or isinstance(v, str), "a string"),
     ("metadata.", "layer", False, lambda v: v is None or _is_int(v), "an integer"),
     ("metadata.", "cache_dir", False, lambda v: v is None or isinstance(v, str), "a string"),
+    ("metadata.", "cache", False, lambda v: v is None or isinstance(v, str), "a string"),
+    ("metadata.", "include_bos", False, lambda v: v is None or isinstance(v, bool), "true or false"),
     (
         "metadata.",
         "context_size",
@@ -242,7 +244,7 @@ def check_run_cfg(cfg_path: Path, sl_cfg: Any) -> None:
 
 def load_sae(run_dir: str | Path, device: str = "cpu") -> tuple[Any, dict]:
     """The SAE of a run dir, in input units, and cfg.json's metadata (saekit's fields included)."""
-    from sae.model import SAE, SAEConfig
+    from .model import SAE, SAEConfig
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / CFG_FILE

@@ -24,45 +24,48 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sae.errors import SaekitError
+from ..sae.errors import SaekitError
 
 # name -> (one-line help, "module:ConfigClass", "module:function taking that config").
 # A verb is listed here only once it works.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "cache": (
         "harvest activations into a verified, resumable on-disk cache",
-        "activations.cache:CacheConfig",
-        "activations.cache:build_cache",
+        "saekit.activations.cache:CacheConfig",
+        "saekit.activations.cache:build_cache",
     ),
     "cache-merge": (
         "join the caches written by `saekit cache --num-workers K` into one",
-        "activations.cache_workers:MergeConfig",
-        "activations.cache_workers:merge_cache",
+        "saekit.activations.cache_workers:MergeConfig",
+        "saekit.activations.cache_workers:merge_cache",
     ),
     "train": (
         "train a sparse autoencoder on a cache",
-        "training.config:TrainConfig",
-        "training.trainer:train",
+        "saekit.training.config:TrainConfig",
+        "saekit.training.trainer:train",
     ),
     "evaluate": (
         "splice the SAE into the model and measure loss recovered",
-        "diagnostics.evaluate:EvaluateConfig",
-        "diagnostics.evaluate:evaluate",
+        "saekit.diagnostics.evaluate:EvaluateConfig",
+        "saekit.diagnostics.evaluate:evaluate",
     ),
     "demo": (
         "cache, train, evaluate and diagnose on the bundled default model",
-        "scripts.demo:DemoConfig",
-        "scripts.demo:demo",
+        "saekit.scripts.demo:DemoConfig",
+        "saekit.scripts.demo:demo",
     ),
     "diagnose": (
         "classify features, run the dying test and write the HTML report",
-        "diagnostics.report:DiagnoseConfig",
-        "diagnostics.report:diagnose",
+        "saekit.diagnostics.report:DiagnoseConfig",
+        "saekit.diagnostics.report:diagnose",
     ),
 }
 
 
-def _resolve(spec: str) -> Any:
+def _resolve(spec: Any) -> Any:
+    """ "module:attr" imported on demand (so `saekit --help` loads no verb), or the object itself."""
+    if not isinstance(spec, str):
+        return spec
     module, attr = spec.split(":")
     return getattr(importlib.import_module(module), attr)
 
@@ -250,6 +253,9 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         description="Train sparse autoencoders on transformer activations and study their features.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"saekit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, config_spec, _run) in COMMANDS.items():
         if name != verb:

@@ -1,7 +1,7 @@
 """`saekit demo`: the whole pipeline on the bundled default model in a few minutes on 2 CPU cores.
 
     saekit demo                     # -> saekit-demo/{cache,run,report}/
-    python -m scripts.demo --out /tmp/demo
+    python -m saekit.scripts.demo --out /tmp/demo
 
 Caches the default model's MLP neurons (`mlp_post`) on the default corpus, trains a `relu_l1` SAE
 with Anthropic's resampling and half of each resampling's picks held out as a control group,
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from sae.errors import SaekitError
+from ..sae.errors import SaekitError
 
 DEFAULT_D_IN = 512  # the default model's d_mlp: the width of its mlp_post cache
 
@@ -88,7 +88,7 @@ def demo(cfg: DemoConfig) -> DemoResult:
 
 
 def _train_config(cfg: DemoConfig, cache: Path, run: Path):
-    from training.config import TrainConfig
+    from ..training.config import TrainConfig
 
     return TrainConfig(
         cache=str(cache),
@@ -107,10 +107,10 @@ def _train_config(cfg: DemoConfig, cache: Path, run: Path):
 
 
 def _pipeline(cfg: DemoConfig, out: Path) -> DemoResult:
-    from activations.cache import CacheConfig, build_cache
-    from diagnostics.evaluate import EvaluateConfig, evaluate
-    from diagnostics.report import DiagnoseConfig, diagnose
-    from training.trainer import train
+    from ..activations.cache import CacheConfig, build_cache
+    from ..diagnostics.evaluate import EvaluateConfig, evaluate
+    from ..diagnostics.report import DiagnoseConfig, diagnose
+    from ..training.trainer import train
 
     t0 = time.perf_counter()
     cache = build_cache(
@@ -143,7 +143,7 @@ def _pipeline(cfg: DemoConfig, out: Path) -> DemoResult:
         "seconds": time.perf_counter() - t0,
         "report": str(Path(report_dir) / "report.html"),
     }
-    from sae.io import atomic_write_json
+    from ..sae.io import atomic_write_json
 
     atomic_write_json(out / "demo.json", result)
     print(
@@ -158,7 +158,7 @@ def _pipeline(cfg: DemoConfig, out: Path) -> DemoResult:
 
 def _check_config(cfg: DemoConfig) -> None:
     """SaekitError for any flag out of its range (nan included), before anything is written."""
-    from sae.errors import check_device
+    from ..sae.errors import check_device
 
     checks = [
         (cfg.tokens >= 1, f"--tokens must be >= 1 (got {cfg.tokens})"),
@@ -178,7 +178,7 @@ def _check_config(cfg: DemoConfig) -> None:
     check_device(cfg.device)
     # What training will check once the cache exists, checked now (the default model's mlp_post
     # is 512 wide): the trainer's ranges, and that the SAE fits in memory at all.
-    from training.config import check_memory
+    from ..training.config import check_memory
 
     tcfg = _train_config(cfg, Path(cfg.out) / "cache", Path(cfg.out) / "run")
     rows = max(cfg.tokens, tcfg.resample_inputs)  # (no warning about the cache's size here)
@@ -190,6 +190,6 @@ def _count(summary: dict, cls: str) -> int:
 
 
 if __name__ == "__main__":
-    from scripts.cli import main
+    from .cli import main
 
     main(["demo", *__import__("sys").argv[1:]])

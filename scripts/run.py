@@ -120,7 +120,10 @@ def main() -> None:
         return
     ensure_venv("test")
     ensure_chromium()
-    r = subprocess.run([str(PY), "-m", "pytest", *rest])
+    # Safe path: the checkout's root is not put on sys.path, so the tests import saekit as
+    # installed and an old top-level name (`import sae`) fails as it would for a user.
+    env = dict(os.environ, PYTHONSAFEPATH="1")
+    r = subprocess.run([str(PY), "-m", "pytest", *rest], env=env)
     raise SystemExit(r.returncode)
 
 

@@ -19,11 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from activations.cache import CacheConfig, CacheReader, build_cache, read_manifest
-from activations.corpus import load_texts, tokenize_contexts
-from activations.models import load_model
-from sae.errors import SaekitError
-from scripts.cli import main as cli_main
+from saekit.activations.cache import CacheConfig, CacheReader, build_cache, read_manifest
+from saekit.activations.corpus import load_texts, tokenize_contexts
+from saekit.activations.models import load_model
+from saekit.sae.errors import SaekitError
+from saekit.scripts.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,7 @@ def test_mlp_out_logits_equals_definition(model, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_resid_matches_transformers(tmp_path):
-    from activations.models import smollm2_hf
+    from saekit.activations.models import smollm2_hf
 
     layer = 4
     out = build_cache(
@@ -144,7 +144,7 @@ def test_smollm2_resid_matches_transformers(tmp_path):
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "scripts.cli", "cache", *args]
+    return [sys.executable, "-m", "saekit", "cache", *args]
 
 
 def shard_hashes(d: Path) -> dict[str, str]:
@@ -262,7 +262,7 @@ def test_closing_batches_joins_the_reader_thread(resid_cache):
 def test_nan_shard_is_refused(resid_cache, tmp_path):
     import shutil
 
-    from activations.cache import _write_safetensors
+    from saekit.activations.cache import _write_safetensors
 
     d = tmp_path / "c"
     shutil.copytree(resid_cache, d)

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from activations.cache import CacheConfig, CacheReader, build_cache
-from activations.cache_workers import MergeConfig, merge_cache
-from sae.errors import SaekitError
+from saekit.activations.cache import CacheConfig, CacheReader, build_cache
+from saekit.activations.cache_workers import MergeConfig, merge_cache
+from saekit.sae.errors import SaekitError
 
 TOKENS = 30_000
 

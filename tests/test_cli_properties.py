@@ -13,7 +13,7 @@ files) and checks that each one
 
 Plus: saved-SAE `cfg.json` files with wrong types, missing fields or nonsense, and checkpoint
 records with wrong types, are refused in one line naming the file and the field by every
-command that reads a run dir. The CLI runs in-process (`scripts.cli.main`) for the bulk of the
+command that reads a run dir. The CLI runs in-process (`saekit.scripts.cli.main`) for the bulk of the
 examples; a few run the real entry points as subprocesses to show they behave the same.
 Every case is listed in docs/reliability.md.
 """
@@ -38,7 +38,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scripts import cli
+from saekit.scripts import cli
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
@@ -61,11 +61,11 @@ def _heavy(*_a, **_k):
 
 # Where each verb's real work starts; validation must have refused bad input before these.
 HEAVY = [
-    "activations.corpus.tokenize_contexts",  # cache, evaluate: after model, dataset and split checks
-    "training.trainer._train",  # train: after every check, before the run dir is touched
-    "diagnostics.report.classify",  # diagnose: after every check, before the density pass
-    "diagnostics.report.measure_density",
-    "scripts.demo._pipeline",  # demo: cache, train, evaluate, diagnose
+    "saekit.activations.corpus.tokenize_contexts",  # cache, evaluate: after model, dataset and split checks
+    "saekit.training.trainer._train",  # train: after every check, before the run dir is touched
+    "saekit.diagnostics.report.classify",  # diagnose: after every check, before the density pass
+    "saekit.diagnostics.report.measure_density",
+    "saekit.scripts.demo._pipeline",  # demo: cache, train, evaluate, diagnose
 ]
 
 
@@ -200,9 +200,9 @@ def some_bad(tab: dict[str, st.SearchStrategy]) -> st.SearchStrategy:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
-    from activations.cache import CacheConfig, build_cache
-    from training.config import TrainConfig
-    from training.trainer import train
+    from saekit.activations.cache import CacheConfig, build_cache
+    from saekit.training.config import TrainConfig
+    from saekit.training.trainer import train
 
     base = tmp_path_factory.mktemp("props")
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -309,8 +309,8 @@ def test_cache_bad_combinations_are_refused(world, case):
 
 def test_cache_more_tokens_than_the_corpus_is_refused_before_writing(world):
     """Not refusable before tokenising (the corpus must be counted): so unpatched, and slow."""
-    from activations.cache import CacheConfig, build_cache
-    from sae.errors import SaekitError
+    from saekit.activations.cache import CacheConfig, build_cache
+    from saekit.sae.errors import SaekitError
 
     with scratch() as d:
         with pytest.raises(SaekitError, match="has only") as e:
@@ -616,11 +616,11 @@ def test_demo_bad_out_is_refused(world, case):
 def test_demo_failing_midway_leaves_out_as_it_was(world, tmp_path):
     """A bad input only found once the demo runs (more tokens than the corpus holds): the out
     dir it made is removed again (a pre-existing empty one is left empty)."""
-    from sae.errors import SaekitError
-    from scripts.demo import DemoConfig, demo
+    from saekit.sae.errors import SaekitError
+    from saekit.scripts.demo import DemoConfig, demo
 
     for out in (tmp_path / "fresh", world["empty"]):
-        with mock.patch("activations.cache.choose_contexts", side_effect=SaekitError("too few")):
+        with mock.patch("saekit.activations.cache.choose_contexts", side_effect=SaekitError("too few")):
             with pytest.raises(SaekitError):
                 demo(DemoConfig(out=str(out), tokens=10**9))
         assert snapshot(out) == (None if out.name == "fresh" else {})
@@ -813,7 +813,7 @@ VERBS = list(VERB_BASE)
         st.lists(JUNK.filter(lambda s: s not in VERBS and not s.startswith("-")), min_size=1, max_size=3),
         st.tuples(st.sampled_from(VERBS), st.sampled_from(["--bogus", "--out", "--config", "-x", "--=", "--help=1"])).map(list),
         st.sampled_from(VERBS).map(lambda v: [v] if v != "demo" else ["demo", "--tokens"]),
-        st.tuples(st.sampled_from(["--version", "--out", "-v"]), st.sampled_from(VERBS)).map(list),
+        st.tuples(st.sampled_from(["--verbose", "--out", "-v"]), st.sampled_from(VERBS)).map(list),
     )
 )  # fmt: skip
 def test_unknown_verbs_and_flags_are_refused(world, argv):
@@ -884,8 +884,8 @@ def _run_copy(world, tmp_path: Path, cfg) -> Path:
 
 @pytest.mark.parametrize("case", sorted(CFG_CASES))
 def test_bad_cfg_json_is_refused_by_the_loader(world, tmp_path, case):
-    from sae.errors import SaekitError
-    from sae.io import load_sae
+    from saekit.sae.errors import SaekitError
+    from saekit.sae.io import load_sae
 
     mutate, field = CFG_CASES[case]
     run = _run_copy(world, tmp_path, mutate(_cfg(world)))
@@ -937,8 +937,8 @@ JSONISH = st.recursive(
 def test_any_cfg_json_edit_loads_or_is_refused_in_one_line(world, edits):
     """The loader either loads an SAE that matches the weights or raises SaekitError, one line
     naming cfg.json; never another exception."""
-    from sae.errors import SaekitError
-    from sae.io import load_sae
+    from saekit.sae.errors import SaekitError
+    from saekit.sae.io import load_sae
 
     cfg = _cfg(world)
     for key, value in edits:
@@ -1028,14 +1028,14 @@ SUBPROCESS_CASES = [
 
 
 def test_real_entry_points_refuse_like_in_process(world, tmp_path):
-    """`python -m scripts.cli` and the installed `saekit` script print the same one line and
+    """`python -m saekit` and the installed `saekit` script print the same one line and
     exit 2 (a subprocess each: a few seconds of imports, so only a handful)."""
     exe = Path(sys.executable).parent / "saekit"
     for i, case in enumerate(SUBPROCESS_CASES):
         argv = [a.format(cache=world["cache"], run=world["run"], tmp=tmp_path) for a in case]
         code, stderr = run_cli(argv)
         want = error_of(stderr)
-        cmd = [str(exe), *argv] if exe.exists() and i % 2 else [sys.executable, "-m", "scripts.cli", *argv]  # fmt: skip
+        cmd = [str(exe), *argv] if exe.exists() and i % 2 else [sys.executable, "-m", "saekit", *argv]  # fmt: skip
         p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
         assert p.returncode == code == 2, (cmd, p.stderr)
         assert error_of(p.stderr) == want

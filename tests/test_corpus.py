@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformer_lens.utilities.tokenize_utils import tokenize_and_concatenate
 
-from activations.corpus import load_texts, tokenize_contexts
-from activations.models import default_tokenizer
-from sae.errors import SaekitError
+from saekit.activations.corpus import load_texts, tokenize_contexts
+from saekit.activations.models import default_tokenizer
+from saekit.sae.errors import SaekitError
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from scripts.cli import main
+from saekit.scripts.cli import main
 
 
 @pytest.mark.slow

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from diagnostics import dying
-from diagnostics.features import (
+from saekit.diagnostics import dying
+from saekit.diagnostics.features import (
     classify,
     feature_geometry,
     ln_final_scale,
@@ -24,10 +24,8 @@ from diagnostics.features import (
     rare_cluster_geometry,
     top_logit_tokens,
 )
-from diagnostics.report import DiagnoseConfig, diagnose
-from sae.errors import SaekitError
-from sae.io import atomic_save_safetensors, save_sae
-from sae.model import SAE, SAEConfig
+from saekit.diagnostics.report import DiagnoseConfig, diagnose
+from saekit.sae.errors import SaekitError
 
 D_IN = 128  # the default model's d_model: a resid_post SAE
 STEPS = np.arange(1, 13) * 100  # window end steps
@@ -35,117 +33,9 @@ WIN_TOKENS = 10**9  # big windows so planted densities survive rounding to integ
 
 
 def default_model():
-    from activations.models import load_model
+    from saekit.activations.models import load_model
 
     return load_model("default")
-
-
-def planted_geometry(d_sae: int, d_in: int, seed: int = 0):
-    """W_enc, W_dec with planted D/E projection, cosine and decoder norm, and b_enc."""
-    g = torch.Generator().manual_seed(seed)
-    u = torch.randn(d_sae, d_in, generator=g)
-    u /= u.norm(dim=1, keepdim=True)
-    v = torch.randn(d_sae, d_in, generator=g)
-    v -= (v * u).sum(1, keepdim=True) * u
-    v /= v.norm(dim=1, keepdim=True)
-    de = torch.linspace(-0.5, 2.0, d_sae)  # planted D/E projection
-    perp = torch.linspace(0.1, 1.0, d_sae).flip(0)
-    dec_norm = torch.linspace(0.5, 1.5, d_sae)
-    bias = torch.linspace(-1.0, 0.3, d_sae)
-    W_dec = u * dec_norm[:, None]
-    W_enc = (de[:, None] * u + perp[:, None] * v).T.contiguous()
-    cos = de / (de**2 + perp**2).sqrt()
-    return W_enc, bias, W_dec, dict(de=de, cos=cos, dec_norm=dec_norm, bias=bias)
-
-
-def planted_history(d_sae: int = 40):
-    """Counts per window for: 0-9 dead (falling, then zero in the last 3 windows), 10-19
-    ultra-rare (log-linear, known final density), 20-39 live (flat). Features 5-9 and 30-31 are
-    resampled at step 650 (their fit uses only later windows); 0-4 and 10-12 are the control
-    group, held out at step 650."""
-    n_w = len(STEPS)
-    log_d = np.zeros((n_w, d_sae))
-    slopes = np.zeros(d_sae)
-    for i in range(10):  # falling towards death
-        slopes[i] = -0.004
-        log_d[:, i] = -3 + slopes[i] * (STEPS - 100)
-    for j, i in enumerate(range(10, 20)):
-        slopes[i] = -0.001 * (j % 3)  # 0, -0.001, -0.002 per step
-        final = -6.9 + 0.08 * j  # log10 density in the last window: -6.9 .. -6.18
-        log_d[:, i] = final + slopes[i] * (STEPS - STEPS[-1])
-    for i in range(20, 40):
-        log_d[:, i] = -1.0 - 0.05 * (i - 20)
-    counts = np.round(WIN_TOKENS * 10.0**log_d).astype(np.int64)
-    counts[-3:, :10] = 0
-    # Resampled at 650: before it, these features had very different densities.
-    counts[STEPS < 650, 30:32] = WIN_TOKENS // 2
-    counts[STEPS < 650, 5:10] = WIN_TOKENS // 3
-    d = {
-        "counts": torch.tensor(counts),
-        "window_tokens": torch.full((n_w,), WIN_TOKENS, dtype=torch.int64),
-        "window_end_step": torch.tensor(STEPS, dtype=torch.int64),
-        "resample_steps": torch.tensor([650], dtype=torch.int64),
-        "resampled": torch.zeros(1, d_sae, dtype=torch.bool),
-        "held_out": torch.zeros(1, d_sae, dtype=torch.bool),
-        "control_mask": torch.zeros(d_sae, dtype=torch.bool),
-    }
-    d["resampled"][0, list(range(5, 10)) + [30, 31]] = True
-    d["held_out"][0, list(range(0, 5)) + [10, 11, 12]] = True
-    d["control_mask"][list(range(0, 5)) + [10, 11, 12]] = True
-    return d, slopes
-
-
-def write_run(run: Path, W_enc, b_enc, W_dec, hist: dict, site="resid_post", model_name="default"):
-    d_in, d_sae = W_enc.shape
-    sae = SAE(SAEConfig(arch="relu_l1", d_in=d_in, d_sae=d_sae))
-    with torch.no_grad():
-        sae.W_enc.copy_(W_enc)
-        sae.b_enc.copy_(b_enc)
-        sae.W_dec.copy_(W_dec)
-    hook = "blocks.0.mlp.hook_post" if site == "mlp_post" else f"blocks.0.hook_{site}"
-    meta = dict(
-        model_name=model_name,
-        hook_name=hook,
-        site=site,
-        layer=0,
-        cache_dir=None,
-        context_size=64,
-        dataset="default",
-        arch="relu_l1",
-        d_in=d_in,
-        d_sae=d_sae,
-    )
-    save_sae(sae, run, meta)
-    n_w = len(hist["counts"])
-    md = {
-        "density_window": str(int(hist["window_tokens"][0])),
-        "batch_size": "4096",
-        "d_sae": str(d_sae),
-        "dead_window_steps": "100",
-    }
-    atomic_save_safetensors(run / "density_history.safetensors", hist, md)
-    with open(run / "metrics.jsonl", "w") as f:
-        for s in (100, 200):
-            f.write(
-                json.dumps(
-                    dict(
-                        step=s,
-                        tokens=s * 4096,
-                        elapsed_s=1.0,
-                        loss=1.0,
-                        mse=1.0,
-                        sparsity=1.0,
-                        l0=12.5 + s,
-                        fvu=0.25 + s / 1000,
-                        dead=0,
-                        ultra_rare=0,
-                        lr=1e-3,
-                        l1_coef=1.0,
-                    )
-                )
-                + "\n"
-            )
-    assert n_w
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -153,12 +43,12 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_planted_run_features_csv_and_summary(tmp_path):
+def test_planted_run_features_csv_and_summary(planted, tmp_path):
     d_sae = 40
-    W_enc, bias, W_dec, planted = planted_geometry(d_sae, D_IN)
-    hist, slopes = planted_history(d_sae)
+    W_enc, bias, W_dec, want = planted.geometry(d_sae, D_IN)
+    hist, slopes = planted.history(d_sae)
     run = tmp_path / "run"
-    write_run(run, W_enc, bias, W_dec, hist)
+    planted.write_run(run, W_enc, bias, W_dec, hist)
     model = default_model()
     scale = 3.0
     out = diagnose(
@@ -201,10 +91,10 @@ def test_planted_run_features_csv_and_summary(tmp_path):
             assert r["log10_density"] == "-inf" and float(r["density"]) == 0
         else:
             assert float(r["log10_density"]) == pytest.approx(math.log10(final[i]), abs=1e-6)
-        assert float(r["encoder_bias"]) == pytest.approx(float(planted["bias"][i]), abs=1e-5)
-        assert float(r["de_projection"]) == pytest.approx(float(planted["de"][i]), abs=1e-4)
-        assert float(r["enc_dec_cosine"]) == pytest.approx(float(planted["cos"][i]), abs=1e-4)
-        assert float(r["decoder_norm"]) == pytest.approx(float(planted["dec_norm"][i]), abs=1e-5)
+        assert float(r["encoder_bias"]) == pytest.approx(float(want["bias"][i]), abs=1e-5)
+        assert float(r["de_projection"]) == pytest.approx(float(want["de"][i]), abs=1e-4)
+        assert float(r["enc_dec_cosine"]) == pytest.approx(float(want["cos"][i]), abs=1e-4)
+        assert float(r["decoder_norm"]) == pytest.approx(float(want["dec_norm"][i]), abs=1e-5)
         if i in (30, 31):
             # Resampled at 650: the fit uses only later (flat) windows.
             assert float(r["density_slope"]) == pytest.approx(0.0, abs=1e-7)
@@ -247,13 +137,13 @@ def test_planted_run_features_csv_and_summary(tmp_path):
     assert html.count("plotly.js v") == 1 and escape(dt["verdict"]) in html
 
 
-def test_resolvable_threshold_warning_and_pooling(tmp_path):
+def test_resolvable_threshold_warning_and_pooling(planted, tmp_path):
     d_sae = 40
-    W_enc, bias, W_dec, _ = planted_geometry(d_sae, D_IN)
-    hist, _ = planted_history(d_sae)
+    W_enc, bias, W_dec, _ = planted.geometry(d_sae, D_IN)
+    hist, _ = planted.history(d_sae)
     hist["window_tokens"][:] = 100_000  # resolves only densities >= 1e-5
     run = tmp_path / "run"
-    write_run(run, W_enc, bias, W_dec, hist)
+    planted.write_run(run, W_enc, bias, W_dec, hist)
     out = diagnose(
         DiagnoseConfig(
             run=str(run), out=str(tmp_path / "r"), logits=False, min_window_tokens=250_000
@@ -274,11 +164,11 @@ def test_resolvable_threshold_warning_and_pooling(tmp_path):
         diagnose(DiagnoseConfig(run=str(tmp_path / "nope"), out=str(tmp_path / "r2")))
 
 
-def test_classify_and_geometry_on_planted_tensors():
+def test_classify_and_geometry_on_planted_tensors(planted):
     counts = torch.tensor([0, 1, 5, 1000])
     assert classify(counts, 1_000_000).tolist() == [0, 2, 2, 2]  # 1e-6 is not below 1e-6
     assert classify(counts, 1_000_000_000).tolist() == [0, 1, 1, 2]
-    W_enc, bias, W_dec, p = planted_geometry(30, 16)
+    W_enc, bias, W_dec, p = planted.geometry(30, 16)
     g = feature_geometry(W_enc, bias, W_dec)
     torch.testing.assert_close(g.de_projection, p["de"], atol=1e-5, rtol=0)
     torch.testing.assert_close(g.enc_dec_cosine, p["cos"], atol=1e-5, rtol=0)
@@ -409,35 +299,10 @@ def test_ln_final_scale_is_the_mean_rms_of_the_final_residual():
 # ---------------------------------------------------------------------------- speed
 
 
-def make_big_run(run: Path, d_sae: int = 16384, d_in: int = 512, n_windows: int = 100) -> None:
-    """A random mlp_post SAE with a synthetic history (for the 60 s speed check)."""
-    g = torch.Generator().manual_seed(0)
-    W_dec = torch.randn(d_sae, d_in, generator=g)
-    W_dec /= W_dec.norm(dim=1, keepdim=True)
-    W_enc = W_dec.T.contiguous() + 0.1 * torch.randn(d_in, d_sae, generator=g)
-    bias = -0.1 * torch.rand(d_sae, generator=g)
-    steps = torch.arange(1, n_windows + 1) * 500
-    rate = 10 ** (-1 - 7 * torch.rand(d_sae, generator=g))
-    counts = torch.poisson(
-        (rate * 2_000_000).expand(n_windows, -1).contiguous(), generator=g
-    ).long()
-    n_ev = 4
-    hist = {
-        "counts": counts,
-        "window_tokens": torch.full((n_windows,), 2_000_000),
-        "window_end_step": steps,
-        "resample_steps": torch.arange(1, n_ev + 1) * 5000,
-        "resampled": torch.rand(n_ev, d_sae, generator=g) < 0.02,
-        "held_out": torch.rand(n_ev, d_sae, generator=g) < 0.005,
-    }
-    hist["control_mask"] = hist["held_out"].any(0)
-    write_run(run, W_enc, bias, W_dec, hist, site="mlp_post")
-
-
-def test_diagnose_16k_features_under_60s(tmp_path):
+def test_diagnose_16k_features_under_60s(planted, tmp_path):
     torch.set_num_threads(2)
     run = tmp_path / "run"
-    make_big_run(run)
+    planted.big_run(run)
     t0 = time.time()
     out = diagnose(DiagnoseConfig(run=str(run), out=str(tmp_path / "rep")))
     elapsed = time.time() - t0
@@ -455,7 +320,7 @@ def write_cache(
     cache: Path, acts: torch.Tensor, tokens: torch.Tensor, hook: str, shard_rows: int
 ) -> None:
     """A cache dir in the documented format (manifest + verified shards) with planted rows."""
-    from activations.cache import write_cache as write
+    from saekit.activations.cache import write_cache as write
 
     rows = torch.arange(len(acts))
     shards = [
@@ -466,7 +331,7 @@ def write_cache(
     write(cache, shards, model="default", site="resid_post", hook_name=hook, context_size=51)
 
 
-def test_fresh_density_and_top_contexts_from_a_cache(tmp_path):
+def test_fresh_density_and_top_contexts_from_a_cache(planted, tmp_path):
     model = default_model()
     d_sae, n_rows, skip = 8, 2000, 500
     g = torch.Generator().manual_seed(0)
@@ -488,8 +353,8 @@ def test_fresh_density_and_top_contexts_from_a_cache(tmp_path):
     tokens = torch.randint(1, model.cfg.d_vocab, (n_rows,), generator=g)
     eye = torch.eye(D_IN)[:, :d_sae]
     per_feature = ("counts", "resampled", "held_out", "control_mask")
-    hist = {k: v[..., :d_sae] if k in per_feature else v for k, v in planted_history()[0].items()}
-    write_run(tmp_path / "run", eye, torch.zeros(d_sae), eye.T.contiguous(), hist)
+    hist = {k: v[..., :d_sae] if k in per_feature else v for k, v in planted.history()[0].items()}
+    planted.write_run(tmp_path / "run", eye, torch.zeros(d_sae), eye.T.contiguous(), hist)
     write_cache(tmp_path / "cache", acts, tokens, "blocks.0.hook_resid_post", shard_rows=1000)
     out = diagnose(
         DiagnoseConfig(
@@ -527,7 +392,7 @@ def test_fresh_density_and_top_contexts_from_a_cache(tmp_path):
 
 
 def test_cli_diagnose_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
-    from scripts import cli
+    from saekit.scripts import cli
 
     with pytest.raises(SystemExit) as e:
         cli.main(["diagnose", "--run", str(tmp_path / "missing"), "--out", str(tmp_path / "r")])

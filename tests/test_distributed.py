@@ -22,9 +22,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae.errors import SaekitError
-from training.config import TrainConfig
-from training.trainer import train
+from saekit.sae.errors import SaekitError
+from saekit.training.config import TrainConfig
+from saekit.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -37,7 +37,7 @@ def cache(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("cache") / "mlp_post"
     if _default_model_available():
-        from activations.cache import CacheConfig, build_cache
+        from saekit.activations.cache import CacheConfig, build_cache
 
         return build_cache(CacheConfig(out=out, model="default", site="mlp_post", tokens=50_000))
     return write_synthetic_cache(out, n_rows=50_000)
@@ -57,8 +57,8 @@ def _args(cache: Path, dtype: str) -> list[str]:
 
 def _launch(args: list[str], ranks: int = 0) -> subprocess.Popen:
     """`saekit train` in one process (ranks=0) or under torchrun with `ranks` CPU processes."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "scripts.cli", "train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "saekit", "train", *args]
     if ranks:
         cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(ranks), *cmd[1:]]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from activations.corpus import load_texts, tokenize_contexts
-from activations.models import load_model
-from diagnostics.evaluate import EvaluateConfig, evaluate, splice_metrics
+from saekit.activations.corpus import load_texts, tokenize_contexts
+from saekit.activations.models import load_model
+from saekit.diagnostics.evaluate import EvaluateConfig, evaluate, splice_metrics
 
 TOKENS = 8 * 256
 
@@ -24,8 +24,8 @@ def tokens(model):
 
 
 def _save_run(run_dir, model, d_sae, W_enc, W_dec):
-    from sae.io import save_sae
-    from sae.model import SAE, SAEConfig
+    from saekit.sae.io import save_sae
+    from saekit.sae.model import SAE, SAEConfig
 
     d_in = W_enc.shape[0]
     sae = SAE(SAEConfig(arch="relu_l1", d_in=d_in, d_sae=d_sae))

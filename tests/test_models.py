@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from activations.models import (
+from saekit.activations.models import (
     default_tokenizer,
     llama_to_hooked,
     load_model,
     model_spec,
     smollm2_hf,
 )
-from sae.errors import SaekitError
-from scripts.train_default_model import evaluate
+from saekit.sae.errors import SaekitError
+from saekit.scripts.experiments.train_default_model import evaluate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -112,14 +112,14 @@ def test_unknown_names_and_dirs(tmp_path):
 
 
 def test_hub_model_offline_fails_fast_in_one_line():
-    from activations.models import _in_hf_cache
+    from saekit.activations.models import _in_hf_cache
 
     if _in_hf_cache("gpt2"):
         pytest.skip("gpt2 is in the local Hugging Face cache")
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     code = (
-        "from sae.errors import SaekitError\n"
-        "from activations.models import load_model\n"
+        "from saekit.sae.errors import SaekitError\n"
+        "from saekit.activations.models import load_model\n"
         "try:\n    load_model('gpt2-small')\nexcept SaekitError as e:\n    print('ERR', e)\n"
     )
     t0 = time.time()

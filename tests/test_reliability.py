@@ -31,7 +31,7 @@ import torch
 import xxhash
 from safetensors.torch import load_file
 
-from scripts.cli import main as cli_main
+from saekit.scripts.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
@@ -49,7 +49,7 @@ END_KILLS = 3  # then up to this many aimed at the final shard / the final save
 
 
 def saekit(verb: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "scripts.cli", verb, *args]
+    return [sys.executable, "-m", "saekit", verb, *args]
 
 
 def run(cmd: list[str], log: Path, preexec_fn=None) -> subprocess.CompletedProcess:
@@ -384,7 +384,7 @@ SMALL_TRAIN = ["--features", "64", "--batch-size", "128", "--steps", "40", "--ch
 
 @pytest.fixture(scope="module")
 def small_cache(tmp_path_factory) -> Path:
-    from activations.cache import CacheConfig, build_cache
+    from saekit.activations.cache import CacheConfig, build_cache
 
     out = tmp_path_factory.mktemp("small") / "cache"
     return build_cache(
@@ -567,8 +567,8 @@ def test_corrupt_contexts_is_refused_by_cache_resume(small_cache, tmp_path, caps
 @pytest.fixture(scope="module")
 def interrupted_run(small_cache, tmp_path_factory) -> Path:
     """A run that stopped after its step-30 checkpoint (the final files taken away)."""
-    from training.config import TrainConfig
-    from training.trainer import train
+    from saekit.training.config import TrainConfig
+    from saekit.training.trainer import train
 
     d = tmp_path_factory.mktemp("interrupted") / "run"
     train(TrainConfig(cache=str(small_cache), out=str(d), features=64, batch_size=128, steps=40,
@@ -581,8 +581,8 @@ def interrupted_run(small_cache, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def other_seed_run(small_cache, tmp_path_factory) -> Path:
-    from training.config import TrainConfig
-    from training.trainer import train
+    from saekit.training.config import TrainConfig
+    from saekit.training.trainer import train
 
     d = tmp_path_factory.mktemp("other") / "run"
     return train(TrainConfig(cache=str(small_cache), out=str(d), features=64, batch_size=128,
@@ -640,7 +640,7 @@ def test_bad_checkpoint_is_refused_by_resume(
 
 
 def test_resume_on_another_cache_is_refused(small_cache, interrupted_run, tmp_path, capsys):
-    from activations.cache import CacheConfig, build_cache
+    from saekit.activations.cache import CacheConfig, build_cache
 
     other = build_cache(CacheConfig(out=tmp_path / "other", tokens=3000, context_size=64,
                                     batch_size=8, shard_mb=0.25, seed=1))  # fmt: skip
@@ -686,8 +686,8 @@ def other_model_cache(tmp_path_factory) -> Path:
     d_mlp 512, the default model's tokenizer): only the model tells them apart."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from activations.cache import CacheConfig, build_cache
-    from activations.models import default_tokenizer
+    from saekit.activations.cache import CacheConfig, build_cache
+    from saekit.activations.models import default_tokenizer
 
     base = tmp_path_factory.mktemp("othermodel")
     torch.manual_seed(0)
@@ -702,8 +702,8 @@ def other_model_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def finished_run(small_cache, tmp_path_factory) -> Path:
-    from training.config import TrainConfig
-    from training.trainer import train
+    from saekit.training.config import TrainConfig
+    from saekit.training.trainer import train
 
     d = tmp_path_factory.mktemp("finished") / "run"
     return train(TrainConfig(cache=str(small_cache), out=str(d), features=64, batch_size=128,
@@ -851,7 +851,7 @@ def test_pickled_model_weights_are_refused(tmp_path, capsys):
     torch.load runs with weights_only (forced by saekit), so it is refused, not executed."""
     from transformers import GPT2Config
 
-    from activations.models import default_tokenizer
+    from saekit.activations.models import default_tokenizer
 
     marker = tmp_path / "PWNED"
     model_dir = tmp_path / "model"
@@ -871,7 +871,7 @@ def test_pickled_model_weights_are_refused(tmp_path, capsys):
 def test_torch_load_inside_model_loading_is_weights_only(tmp_path):
     """TransformerLens loads its hub .pth checkpoints with torch.load(weights_only=False); inside
     saekit's model loading that is forced to weights_only=True."""
-    from activations.models import weights_only
+    from saekit.activations.models import weights_only
 
     marker = tmp_path / "PWNED"
     p = payload_pt(tmp_path / "final.pth", marker)

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diagnostics.report import DiagnoseConfig, diagnose
-from tests.test_diagnostics import make_big_run, planted_geometry, planted_history, write_run
+from saekit.diagnostics.report import DiagnoseConfig, diagnose
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -131,10 +130,10 @@ def check_report(page: Path, tmp: Path) -> None:
     assert len(np.unique(img[..., :3].reshape(-1, 3), axis=0)) > 50
 
 
-def test_report_opens_offline_in_chromium(tmp_path):
-    W_enc, bias, W_dec, _ = planted_geometry(40, 128)
-    hist, _ = planted_history(40)
-    write_run(tmp_path / "run", W_enc, bias, W_dec, hist)
+def test_report_opens_offline_in_chromium(planted, tmp_path):
+    W_enc, bias, W_dec, _ = planted.geometry(40, 128)
+    hist, _ = planted.history(40)
+    planted.write_run(tmp_path / "run", W_enc, bias, W_dec, hist)
     out = diagnose(
         DiagnoseConfig(run=str(tmp_path / "run"), out=str(tmp_path / "rep"), ln_scale=3.0)
     )
@@ -142,8 +141,8 @@ def test_report_opens_offline_in_chromium(tmp_path):
 
 
 @pytest.mark.slow  # ~45 s: a 16k-feature page with a 3-D WebGL scatter, rendered twice
-def test_16k_feature_report_is_small_and_opens(tmp_path):
-    make_big_run(tmp_path / "run")
+def test_16k_feature_report_is_small_and_opens(planted, tmp_path):
+    planted.big_run(tmp_path / "run")
     out = diagnose(DiagnoseConfig(run=str(tmp_path / "run"), out=str(tmp_path / "rep")))
     size = (out / "report.html").stat().st_size
     assert size < 8 * 2**20, f"report.html is {size / 2**20:.1f} MB"

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from sae.io import atomic_write_json, load_sae, save_sae
-from sae.model import SAE, SAEConfig, geometric_median
+from saekit.sae.io import atomic_write_json, load_sae, save_sae
+from saekit.sae.model import SAE, SAEConfig, geometric_median
 
 
 def _random_sae(arch: str, d_in=16, d_sae=64, k=4, seed=0, dtype=torch.float64) -> SAE:
@@ -124,7 +124,7 @@ def test_saelens_loads_saved_sae_and_agrees(tmp_path, arch):
 
 
 def test_load_sae_errors(tmp_path):
-    from sae.errors import SaekitError
+    from saekit.sae.errors import SaekitError
 
     with pytest.raises(SaekitError, match="cfg.json"):
         load_sae(tmp_path)

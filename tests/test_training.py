@@ -21,10 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from activations.cache import write_cache
-from sae.errors import SaekitError
-from training.config import TrainConfig
-from training.trainer import _event_seed, train
+from saekit.activations.cache import write_cache
+from saekit.sae.errors import SaekitError
+from saekit.training.config import TrainConfig
+from saekit.training.trainer import _event_seed, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def write_synthetic_cache(out: Path, n_rows=100_000, d_in=512, n_true=1024, shar
 
 
 def _default_model_available() -> bool:
-    from activations.models import DEFAULT_MODEL_DIR
+    from saekit.activations.models import DEFAULT_MODEL_DIR
 
     return DEFAULT_MODEL_DIR.is_dir() and any(DEFAULT_MODEL_DIR.glob("*.safetensors"))
 
@@ -59,7 +59,7 @@ def cache(tmp_path_factory) -> Path:
     """100k tokens of the default model's mlp_post (synthetic stand-in if the model is missing)."""
     out = tmp_path_factory.mktemp("cache") / "mlp_post"
     if _default_model_available():
-        from activations.cache import CacheConfig, build_cache
+        from saekit.activations.cache import CacheConfig, build_cache
 
         return build_cache(CacheConfig(out=out, model="default", site="mlp_post", tokens=100_000))
     return write_synthetic_cache(out)
@@ -82,7 +82,7 @@ RESAMPLE = dict(resample="anthropic", resample_steps=[20, 40], dead_window=10,
 
 
 def test_resampling_with_holdout(cache, tmp_path):
-    from activations.cache import CacheReader
+    from saekit.activations.cache import CacheReader
 
     # An aggressive learning rate kills many features early, so resampling has work to do.
     manifest = json.loads((cache / "manifest.json").read_text())
@@ -158,9 +158,9 @@ def test_resampling_with_holdout(cache, tmp_path):
 
 
 def _run_cli(args: list[str], **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = dict(os.environ)
     return subprocess.Popen(
-        [sys.executable, "-m", "scripts.cli", "train", *args],
+        [sys.executable, "-m", "saekit", "train", *args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw,
     )  # fmt: skip
 
@@ -198,7 +198,7 @@ def test_kill_and_resume_is_bitwise_identical(cache, tmp_path):
 @pytest.mark.parametrize("arch", ["relu_l1_v2", "topk"])
 def test_other_archs_train_and_load_in_saelens(cache, tmp_path, arch):
     sae_lens = pytest.importorskip("sae_lens")
-    from activations.cache import CacheReader
+    from saekit.activations.cache import CacheReader
 
     run = train(_cfg(cache, tmp_path / "run", arch=arch, steps=30, k=16))
     lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
@@ -209,7 +209,7 @@ def test_other_archs_train_and_load_in_saelens(cache, tmp_path, arch):
     else:  # lambda warm-up over the first 5% of steps, lr decay to 0 over the last 20%
         assert lines[-1]["lr"] < lines[0]["lr"] / 4
     theirs = sae_lens.SAE.load_from_disk(str(run))
-    from sae.io import load_sae
+    from saekit.sae.io import load_sae
 
     ours, meta = load_sae(run)
     assert meta["arch"] == arch and meta["hook_name"] == "blocks.0.mlp.hook_post"

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from sae.errors import SaekitError
+from ..sae.errors import SaekitError
 
 # Defaults tuned on the default model's mlp_post (see docs/benchmarks.md); for relu archs the L1
 # coefficient is given for inputs of mean norm sqrt(d_in) and rescaled to the cache's norm.

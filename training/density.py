@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sae.io import atomic_save_safetensors
+from ..sae.io import atomic_save_safetensors
 
 
 class DensityTracker:

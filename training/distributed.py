@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from training.density import DensityTracker
+from .density import DensityTracker
 
 
 class World(NamedTuple):

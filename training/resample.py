@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from sae.model import SAE
+from ..sae.model import SAE
 
 
 class ResampleResult(NamedTuple):

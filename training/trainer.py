@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from activations.cache import entry_checksum
-from sae.errors import SaekitError, check_device
-from sae.io import (
+from ..activations.cache import entry_checksum
+from ..sae.errors import SaekitError, check_device
+from ..sae.io import (
     SAEKIT_FILE,
     atomic_save_safetensors,
     atomic_write_bytes,
@@ -32,12 +32,12 @@ from sae.io import (
     save_sae,
     sha256_file,
 )
-from sae.model import SAE, SAEConfig, StepOutput, geometric_median
-from training import distributed
-from training.config import GEOMEDIAN_ROWS, ResolvedConfig, TrainConfig, check_memory
-from training.density import DensityTracker
-from training.distributed import ReducedDensityTracker, World, average_grads, local_slices
-from training.resample import anthropic_resample
+from ..sae.model import SAE, SAEConfig, StepOutput, geometric_median
+from . import distributed
+from .config import GEOMEDIAN_ROWS, ResolvedConfig, TrainConfig, check_memory
+from .density import DensityTracker
+from .distributed import ReducedDensityTracker, World, average_grads, local_slices
+from .resample import anthropic_resample
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 # Fields that must not change when resuming (the others only affect logging and I/O).
@@ -71,14 +71,17 @@ def sae_metadata(manifest: dict, cfg: TrainConfig, arch: str, d_in: int, d_sae: 
         "hook_name": manifest.get("hook_name") or manifest.get("hook"),
         "site": manifest.get("site"),
         "layer": manifest.get("layer"),
-        "cache_dir": str(Path(cfg.cache).resolve()),
+        # The cache by name and content, never by a path of the machine that trained.
+        "cache": Path(cfg.cache).name,
+        "cache_fingerprint": _cache_fingerprint(manifest),
+        "include_bos": bool(manifest.get("include_bos", False)),
         "context_size": manifest.get("context_size"),
         "dataset": manifest.get("dataset"),
         "prepend_bos": True,
         "arch": arch,
         "d_in": d_in,
         "d_sae": d_sae,
-        "train_config": _cfg_dict(cfg),
+        "train_config": {**_cfg_dict(cfg), "cache": Path(cfg.cache).name, "out": None},
     }
 
 
@@ -468,7 +471,7 @@ def _prepare_out(cfg: TrainConfig) -> tuple[Path, Path | None, bool]:
 
 def train(cfg: TrainConfig) -> Path:
     """Train an SAE on `cfg.cache` and write the run dir `cfg.out`; returns its path."""
-    from activations.cache import read_manifest
+    from ..activations.cache import read_manifest
 
     if not Path(cfg.cache).is_dir():
         raise SaekitError(f"--cache {cfg.cache} is not a directory; build one with `saekit cache`")
@@ -503,7 +506,7 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def _train(cfg, res, manifest, out, ckpt, world, device_name, wandb) -> Path:
-    from activations.cache import CacheReader
+    from ..activations.cache import CacheReader
 
     if device_name != cfg.device:
         cfg = dataclasses.replace(cfg, device=device_name)

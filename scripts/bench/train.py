@@ -13,7 +13,7 @@
 Both sides of each comparison run in the same process, interleaved, and the medians of --reps
 repetitions after --warmup are compared, so load from other processes affects both.
 
-    python -m scripts.bench_train [--reps 9] [--warmup 2] [--topk-reps 5]
+    python -m saekit.scripts.bench.train [--reps 9] [--warmup 2] [--topk-reps 5]
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from activations.cache import CacheReader, read_manifest, write_cache
-from sae.model import SAE, StepOutput
-from training.config import TrainConfig
-from training.trainer import Trainer, _manifest_info
+from saekit.activations.cache import CacheReader, read_manifest, write_cache
+from saekit.sae.model import SAE, StepOutput
+from saekit.training.config import TrainConfig
+from saekit.training.trainer import Trainer, _manifest_info
 
 D_IN, BATCH = 512, 4096
 

@@ -1,7 +1,7 @@
 """The dying test end to end on the default model: do ultra-rare features keep dying, or settle?
 
-    python -m scripts.rare_feature_experiment                 # ~25-30 min on 2 CPU cores
-    python -m scripts.rare_feature_experiment --steps 300     # a quick smoke run
+    python -m saekit.scripts.experiments.rare_features                 # ~25-30 min on 2 CPU cores
+    python -m saekit.scripts.experiments.rare_features --steps 300     # a quick smoke run
 
 Anthropic's A/1 recipe in small: relu_l1 on the default model's MLP neurons (`mlp_post`, 512
 wide) with 4,096 features, Anthropic resampling at several points, and half of each resampling's
@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sae.errors import SaekitError
+from saekit.sae.errors import SaekitError
 
 
 @dataclass
@@ -56,12 +56,12 @@ class RareFeatureConfig:
 
 
 def rare_feature_experiment(cfg: RareFeatureConfig) -> Path:
-    from activations.cache import CacheConfig, build_cache
-    from diagnostics.evaluate import EvaluateConfig, evaluate
-    from diagnostics.report import DiagnoseConfig, diagnose
-    from sae.io import atomic_write_json
-    from training.config import TrainConfig
-    from training.trainer import train
+    from saekit.activations.cache import CacheConfig, build_cache
+    from saekit.diagnostics.evaluate import EvaluateConfig, evaluate
+    from saekit.diagnostics.report import DiagnoseConfig, diagnose
+    from saekit.sae.io import atomic_write_json
+    from saekit.training.config import TrainConfig
+    from saekit.training.trainer import train
 
     out = Path(cfg.out)
     if not all(0 < f < 1 for f in cfg.resample_at):
@@ -143,10 +143,14 @@ def rare_feature_experiment(cfg: RareFeatureConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from scripts.cli import run_script
+    from saekit.scripts.cli import run_script
 
     run_script(
-        "scripts.rare_feature_experiment", __doc__, RareFeatureConfig, rare_feature_experiment, argv
+        "saekit.scripts.experiments.rare_features",
+        __doc__,
+        RareFeatureConfig,
+        rare_feature_experiment,
+        argv,
     )
 
 

@@ -2,8 +2,8 @@
 ultra-rare features? Cache the same tokens at several sites of one model in one forward pass,
 train one SAE per site with the same budget, and compare them in one report.
 
-    python -m scripts.compare_sites                       # default model, ~15-20 min on 2 cores
-    python -m scripts.compare_sites --out /tmp/cmp --steps 200 --tokens 100000
+    python -m saekit.scripts.experiments.compare_sites                       # default model, ~15-20 min on 2 cores
+    python -m saekit.scripts.experiments.compare_sites --out /tmp/cmp --steps 200 --tokens 100000
 
 Same budget: every site gets the same tokens, steps, batch size and number of features.
 Comparable sparsity: relu_l1 with the trainer's L1 convention, λ = c · mean_norm / sqrt(d_in),
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae.errors import SaekitError
+from saekit.sae.errors import SaekitError
 
 DEFAULT_SITES = ["mlp_post", "mlp_out", "resid_post", "mlp_out_logits"]
 TOP_TOKENS = 10
@@ -90,8 +90,8 @@ def logit_concentration(lw: torch.Tensor, k: int = TOP_TOKENS) -> torch.Tensor:
 
 @torch.no_grad()
 def site_concentration(run_dir: Path, model, scale: float) -> np.ndarray:
-    from diagnostics.features import logit_site, logit_weights
-    from sae.io import load_sae
+    from saekit.diagnostics.features import logit_site, logit_weights
+    from saekit.sae.io import load_sae
 
     sae, meta = load_sae(run_dir)
     recipe = logit_site(meta.get("site"), meta["hook_name"], sae.W_dec.shape[1], model)
@@ -115,15 +115,15 @@ def _read_features(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def compare_sites(cfg: CompareSitesConfig) -> Path:
-    from activations.cache import CacheConfig, build_cache
-    from activations.corpus import load_texts, tokenize_contexts
-    from activations.models import load_model
-    from diagnostics.evaluate import EvaluateConfig, evaluate
-    from diagnostics.features import ln_final_scale
-    from diagnostics.report import DiagnoseConfig, diagnose
-    from sae.io import atomic_write_bytes, atomic_write_json
-    from training.config import TrainConfig
-    from training.trainer import train
+    from saekit.activations.cache import CacheConfig, build_cache
+    from saekit.activations.corpus import load_texts, tokenize_contexts
+    from saekit.activations.models import load_model
+    from saekit.diagnostics.evaluate import EvaluateConfig, evaluate
+    from saekit.diagnostics.features import ln_final_scale
+    from saekit.diagnostics.report import DiagnoseConfig, diagnose
+    from saekit.sae.io import atomic_write_bytes, atomic_write_json
+    from saekit.training.config import TrainConfig
+    from saekit.training.trainer import train
 
     out = Path(cfg.out)
     if len(set(cfg.sites)) != len(cfg.sites) or len(cfg.sites) < 1:
@@ -258,7 +258,7 @@ def render_compare(doc: dict, results: dict[str, dict]) -> str:
     from plotly.offline import get_plotlyjs
     from plotly.subplots import make_subplots
 
-    from diagnostics.report import _CSS, CLASS_COLOURS
+    from saekit.diagnostics.report import _CSS, CLASS_COLOURS
 
     sites = list(results)
     figs = []
@@ -352,9 +352,11 @@ def _f(x) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from scripts.cli import run_script
+    from saekit.scripts.cli import run_script
 
-    run_script("scripts.compare_sites", __doc__, CompareSitesConfig, compare_sites, argv)
+    run_script(
+        "saekit.scripts.experiments.compare_sites", __doc__, CompareSitesConfig, compare_sites, argv
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Train the bundled default model: a BPE tokenizer and a 1-layer ReLU-MLP transformer on the KJV.
 
-    python -m scripts.train_default_model              # train, write activations/default_model/
-    python -m scripts.train_default_model --evaluate   # held-out loss vs unigram entropy
+    python -m saekit.scripts.experiments.train_default_model              # train, write activations/default_model/
+    python -m saekit.scripts.experiments.train_default_model --evaluate   # held-out loss vs unigram entropy
 
 Deterministic: fixed seeds, a fixed number of steps, deterministic torch algorithms, 2 threads.
 Training samples windows at random offsets of the train split's token stream (BOS-separated
@@ -29,11 +29,11 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from activations.corpus import load_texts, tokenize_contexts
-from activations.models import BOS, default_tokenizer
-from sae.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json
+from saekit.activations.corpus import load_texts, tokenize_contexts
+from saekit.activations.models import BOS, default_tokenizer
+from saekit.sae.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json
 
-OUT_DIR = Path(__file__).resolve().parent.parent / "activations" / "default_model"
+OUT_DIR = Path(__file__).resolve().parents[2] / "activations" / "default_model"
 VOCAB = 4096
 SEED = 0
 
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     if args.evaluate:
-        from activations.models import load_model
+        from saekit.activations.models import load_model
 
         torch.set_num_threads(2)
         ev = evaluate(load_model("default"))

@@ -1,12 +1,12 @@
 """Benchmark data-parallel training (issue 7): `saekit train` in one process against
 `torchrun --nproc-per-node 2` with the same global batch, steps and seed, on CPU (gloo).
 
-The cache is synthetic (scripts/bench_train.py's: d_in 512, 65,536 rows). Each run's training
+The cache is synthetic (scripts/bench/train.py's: d_in 512, 65,536 rows). Each run's training
 time is the `elapsed_s` of its last metrics line (the loop only: no startup, no final save); the
 wall time of the whole command is shown too. The single process runs with all --threads; the
 ranks with --threads / 2 each, so both use the same cores.
 
-    python -m scripts.bench_distributed [--features 4096] [--batch-size 4096] [--steps 100] [--threads 2]
+    python -m saekit.scripts.bench.distributed [--features 4096] [--batch-size 4096] [--steps 100] [--threads 2]
 """
 
 from __future__ import annotations
@@ -20,23 +20,23 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts.bench_train import write_synthetic_cache
+from saekit.scripts.bench.train import write_synthetic_cache
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(
     cache: Path, out: Path, args: argparse.Namespace, ranks: int, threads: int
 ) -> tuple[float, float]:
     """(training seconds, wall seconds) of one `saekit train`."""
-    cmd = [sys.executable, "-m", "scripts.cli", "train", "--cache", str(cache), "--out", str(out),
+    cmd = [sys.executable, "-m", "saekit", "train", "--cache", str(cache), "--out", str(out),
            "--features", str(args.features), "--batch-size", str(args.batch_size),
            "--steps", str(args.steps), "--log-every", str(args.steps), "--checkpoint-every", "0",
            "--resample", "none"]  # fmt: skip
     if ranks > 1:
         torchrun = Path(sys.executable).parent / "torchrun"
         cmd = [str(torchrun), "--standalone", "--nproc-per-node", str(ranks), *cmd[1:]]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
     wall = time.perf_counter() - t0

@@ -19,7 +19,7 @@ The KJV train split holds about 1M tokens of the default tokenizer, so the corpu
 whole KJV (train and test chapters) repeated as often as needed, written to a temp text file
 (one chapter per line). Repeated text costs the same to run and store as new text.
 
-    python -m scripts.bench_cache [--tokens 1000000] [--rounds 5] [--rss-tokens 2000000]
+    python -m saekit.scripts.bench.cache [--tokens 1000000] [--rounds 5] [--rss-tokens 2000000]
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from pathlib import Path
 
 import torch
 
-from activations.cache import CacheConfig, keep_freed_memory, prepare_cache, run_cache
-from activations.corpus import load_texts
-from activations.sites import harvest_flat
+from saekit.activations.cache import CacheConfig, keep_freed_memory, prepare_cache, run_cache
+from saekit.activations.corpus import load_texts
+from saekit.activations.sites import harvest_flat
 
 
 def write_corpus(path: Path, min_tokens: int) -> Path:
@@ -144,7 +144,7 @@ def main() -> None:
             return
         out = Path(tmp) / "rss"
         cmd = [
-            sys.executable, "-m", "scripts.cli", "cache", "--out", str(out), "--dataset", str(corpus),
+            sys.executable, "-m", "saekit", "cache", "--out", str(out), "--dataset", str(corpus),
             "--tokens", str(args.rss_tokens), "--batch-size", str(args.batch_size),
             "--context-size", str(args.context_size),
         ]  # fmt: skip

@@ -1,0 +1,5 @@
+"""`python -m saekit`: the `saekit` command."""
+
+from .scripts.cli import main
+
+main()
