@@ -19,14 +19,16 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diagnostics import dying
-from diagnostics.features import (
+from ..sae.errors import SaekitError, check_device
+from ..training.run import History, last_metrics, load_history
+from . import dying
+from .features import (
     CLASSES,
     LIVE,
     ULTRA_RARE,
@@ -41,7 +43,6 @@ from diagnostics.features import (
     top_logit_tokens,
     vocab_strings,
 )
-from sae.errors import SaekitError, check_device
 
 CSV_COLUMNS = (
     "index",
@@ -128,78 +129,13 @@ class DiagnoseConfig:
     """replace an existing report in --out"""
 
 
-class History(NamedTuple):
-    counts: torch.Tensor  # int64 [n_windows, d_sae]
-    window_tokens: torch.Tensor  # int64 [n_windows]
-    window_end_step: torch.Tensor  # int64 [n_windows]
-    resample_steps: torch.Tensor  # int64 [n_events]
-    resampled: torch.Tensor  # bool [n_events, d_sae]
-    held_out: torch.Tensor  # bool [n_events, d_sae]
-    control_mask: torch.Tensor  # bool [d_sae]
-    metadata: dict
-
-
-def load_history(path: str | Path, d_sae: int) -> History:
-    """density_history.safetensors, checked against the SAE's width."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-            meta = f.metadata() or {}
-    except Exception as e:
-        raise SaekitError(
-            f"{path} is not a readable safetensors file ({e}); re-run training"
-        ) from None
-    need = ("counts", "window_tokens", "window_end_step", "resample_steps", "resampled", "held_out")
-    missing = [k for k in need if k not in t]
-    if missing:
-        raise SaekitError(f"{path} lacks {missing}; re-run training with this saekit version")
-    counts = t["counts"].long()
-    if counts.ndim != 2 or counts.shape[1] != d_sae:
-        raise SaekitError(
-            f"{path}: counts has shape {tuple(counts.shape)}, expected [n_windows, {d_sae}]"
-        )
-    n_ev = len(t["resample_steps"])
-    empty = torch.zeros(n_ev, d_sae, dtype=torch.bool)
-    resampled = t["resampled"].bool().reshape(n_ev, d_sae) if n_ev else empty
-    held_out = t["held_out"].bool().reshape(n_ev, d_sae) if n_ev else empty
-    control = t.get("control_mask", held_out.any(0)).bool()
-    return History(
-        counts,
-        t["window_tokens"].long(),
-        t["window_end_step"].long(),
-        t["resample_steps"].long(),
-        resampled,
-        held_out,
-        control,
-        dict(meta),
-    )
-
-
-def last_metrics(path: Path) -> dict:
-    """The last line of metrics.jsonl ({} when absent)."""
-    if not path.is_file():
-        return {}
-    last = ""
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                last = line
-    try:
-        return json.loads(last) if last else {}
-    except json.JSONDecodeError:
-        return {}
-
-
 # ---------------------------------------------------------------------------- cache reading
 
 
 def _cache_rows(cache_dir: Path, n_rows: int):
     """The cache's verified reader, the indices of the last shards holding `n_rows` rows, and how
     many rows of the first of them to skip."""
-    from activations.cache import CacheReader
+    from ..activations.cache import CacheReader
 
     reader = CacheReader(cache_dir, batch_size=1)
     picked: list[int] = []
@@ -361,7 +297,7 @@ def choose_features(cfg: DiagnoseConfig, classes: torch.Tensor, control: torch.T
 def _scale_tokens(meta: dict, model, n_tokens: int = 2048) -> torch.Tensor:
     """~n_tokens of the run's dataset (its test split when it has one) to measure ln_final's
     scale on."""
-    from activations.corpus import load_texts, tokenize_contexts
+    from ..activations.corpus import load_texts, tokenize_contexts
 
     ds = meta.get("dataset") or "default"
     name, column = (
@@ -407,7 +343,7 @@ def diagnose(cfg: DiagnoseConfig) -> Path:
     if cfg.tokens < 1 or cfg.batch_size < 1:
         raise SaekitError("--tokens and --batch-size must be >= 1")
 
-    from sae.io import load_sae
+    from ..sae.io import load_sae
 
     sae, meta = load_sae(run, device=cfg.device)
     sae.eval()
@@ -416,8 +352,8 @@ def diagnose(cfg: DiagnoseConfig) -> Path:
     if bad:
         raise SaekitError(f"--features {bad[0]} is out of range; the SAE has {d_sae} features")
     if cfg.cache is not None:
-        from activations.cache import read_manifest
-        from diagnostics.evaluate import check_cache_of_run
+        from ..activations.cache import read_manifest
+        from .evaluate import check_cache_of_run
 
         check_cache_of_run(Path(cfg.cache), read_manifest(cfg.cache), meta, run)
     hist_path = run / "density_history.safetensors"
@@ -439,7 +375,7 @@ def diagnose(cfg: DiagnoseConfig) -> Path:
     vocab: list[str] = []
     model = None
     if cfg.logits or cfg.cache is not None:
-        from activations.models import load_model
+        from ..activations.models import load_model
 
         try:
             model = load_model(meta.get("model_name") or "default", device=cfg.device)
@@ -656,7 +592,7 @@ def diagnose(cfg: DiagnoseConfig) -> Path:
         fresh,
     )
 
-    from sae.io import atomic_write_bytes, atomic_write_json
+    from ..sae.io import atomic_write_bytes, atomic_write_json
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "features.csv", buf.getvalue().encode())
