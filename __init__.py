@@ -67,8 +67,8 @@ def evaluate(run: Any, **config: Any) -> Evaluation:
 
 def diagnose(run: Any, **config: Any) -> Report:
     """Classify features, run the trajectory test and write the report (`saekit diagnose`)."""
-    from .diagnostics.report import DiagnoseConfig
-    from .diagnostics.report import diagnose as _diagnose
+    from .diagnostics.diagnose import DiagnoseConfig
+    from .diagnostics.diagnose import diagnose as _diagnose
 
     if "cache" in config and config["cache"] is not None:
         config["cache"] = str(getattr(config["cache"], "path", config["cache"]))

@@ -2,7 +2,8 @@
 geometry of the rare cluster, and a fresh density measurement on cached activations.
 
 Everything here takes tensors (W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], counts)
-so it can be tested on planted values; `diagnostics/report.py` wires it to a run dir.
+so it can be tested on planted values; `diagnostics/diagnose.py` wires it to a run dir (and
+`run_logit_tokens` to a run's model and dataset).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from ..sae.errors import SaekitError
 
 CLASSES = ("dead", "ultra_rare", "live")
 DEAD, ULTRA_RARE, LIVE = 0, 1, 2
@@ -169,6 +172,57 @@ def top_logit_tokens(
         bot = lw.topk(k, dim=1, largest=False)
         parts.append((top.indices, top.values, bot.indices, bot.values))
     return TopLogits(*(torch.cat([p[j] for p in parts]).cpu() for j in range(4)))
+
+
+def scale_tokens(meta: dict, model, n_tokens: int = 2048) -> Tensor:
+    """~n_tokens of a run's dataset (cfg.json metadata `meta`; its test split when it has one)
+    to measure ln_final's scale on."""
+    from ..activations.corpus import load_texts, tokenize_contexts
+
+    ds = meta.get("dataset") or "default"
+    name, column = (
+        (ds.get("name", "default"), ds.get("text_column", "text"))
+        if isinstance(ds, dict)
+        else (ds, "text")
+    )
+    ctx = min(int(meta.get("context_size") or 128), model.cfg.n_ctx)
+    try:
+        try:
+            texts = load_texts(name, split="test", text_column=column)
+        except SaekitError:
+            texts = load_texts(name, split="train", text_column=column)
+        toks = tokenize_contexts(texts, model.tokenizer, ctx, max_tokens=n_tokens)
+    except SaekitError as e:
+        raise SaekitError(f"{e} (or pass --ln-scale to skip measuring ln_final's scale)") from None
+    if len(toks) == 0:
+        raise SaekitError(
+            f"dataset {name} is too short to measure ln_final's scale; pass --ln-scale"
+        )
+    return toks
+
+
+def run_logit_tokens(
+    model, meta: dict, W_dec: Tensor, k: int, ln_scale: float | None
+) -> tuple[TopLogits | None, dict, str | None]:
+    """The top and bottom k logit tokens of a run's features (None when its site has no known
+    path to the logits), summary.json's "logit_weights" entry, and a warning for the reader (or
+    None). ln_scale None: measured on the run's dataset."""
+    site, layer, hook_name = meta.get("site"), meta.get("layer"), meta.get("hook_name", "")
+    recipe = logit_site(site, hook_name, W_dec.shape[1], model)
+    if recipe is None:
+        warning = f"No logit weights: site {site or hook_name} has no known path to the logits."
+        return None, {"computed": False}, warning
+    scale = ln_scale if ln_scale is not None else ln_final_scale(model, scale_tokens(meta, model))
+    top = top_logit_tokens(W_dec, model, recipe, layer, scale, k=k)
+    caveat = direct_path_caveat(model, site, layer)
+    info = {
+        "computed": True,
+        "recipe": recipe,
+        "ln_final_scale": scale,
+        "ln_final_scale_source": "--ln-scale" if ln_scale is not None else "measured",
+        "direct_path_caveat": caveat,
+    }
+    return top, info, caveat
 
 
 def vocab_strings(tokenizer, d_vocab: int) -> list[str]:

@@ -56,8 +56,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "diagnose": (
         "classify features, run the dying test and write the HTML report",
-        "saekit.diagnostics.report:DiagnoseConfig",
-        "saekit.diagnostics.report:diagnose",
+        "saekit.diagnostics.config:DiagnoseConfig",
+        "saekit.diagnostics.diagnose:diagnose",
     ),
 }
 

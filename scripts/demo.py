@@ -10,7 +10,6 @@ splices it back into the model (`saekit evaluate`), and writes the diagnostics r
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -108,8 +107,8 @@ def _train_config(cfg: DemoConfig, cache: Path, run: Path):
 
 def _pipeline(cfg: DemoConfig, out: Path) -> DemoResult:
     from ..activations.cache import CacheConfig, build_cache
+    from ..diagnostics.diagnose import DiagnoseConfig, diagnose
     from ..diagnostics.evaluate import EvaluateConfig, evaluate
-    from ..diagnostics.report import DiagnoseConfig, diagnose
     from ..training.trainer import train
 
     t0 = time.perf_counter()
@@ -125,10 +124,10 @@ def _pipeline(cfg: DemoConfig, out: Path) -> DemoResult:
     )
     run = train(_train_config(cfg, Path(cache), out / "run"))
     ev = evaluate(EvaluateConfig(run=str(run), tokens=cfg.eval_tokens, device=cfg.device))
-    report_dir = diagnose(
+    report = diagnose(
         DiagnoseConfig(run=str(run), out=str(out / "report"), cache=str(cache), device=cfg.device)
     )
-    summary = json.loads((Path(report_dir) / "summary.json").read_text())
+    summary = report.summary
     live = _count(summary, "live")
     m = ev.metrics
     result = {
@@ -141,7 +140,7 @@ def _pipeline(cfg: DemoConfig, out: Path) -> DemoResult:
         "loss_recovered_mean_ablation": m["loss_recovered_mean"],
         "kl": m["kl_clean_spliced"],
         "seconds": time.perf_counter() - t0,
-        "report": str(Path(report_dir) / "report.html"),
+        "report": str(report.html),
     }
     from ..sae.io import atomic_write_json
 

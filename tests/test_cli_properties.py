@@ -63,8 +63,8 @@ def _heavy(*_a, **_k):
 HEAVY = [
     "saekit.activations.corpus.tokenize_contexts",  # cache, evaluate: after model, dataset and split checks
     "saekit.training.trainer._train",  # train: after every check, before the run dir is touched
-    "saekit.diagnostics.report.classify",  # diagnose: after every check, before the density pass
-    "saekit.diagnostics.report.measure_density",
+    "saekit.diagnostics.diagnose.classify",  # diagnose: after every check, before the density pass
+    "saekit.diagnostics.contexts.measure_density",
     "saekit.scripts.demo._pipeline",  # demo: cache, train, evaluate, diagnose
 ]
 

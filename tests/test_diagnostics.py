@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from saekit.diagnostics import dying
+from saekit.diagnostics.diagnose import DiagnoseConfig, diagnose
 from saekit.diagnostics.features import (
     classify,
     feature_geometry,
@@ -24,7 +25,6 @@ from saekit.diagnostics.features import (
     rare_cluster_geometry,
     top_logit_tokens,
 )
-from saekit.diagnostics.report import DiagnoseConfig, diagnose
 from saekit.sae.errors import SaekitError
 
 D_IN = 128  # the default model's d_model: a resid_post SAE
@@ -53,7 +53,7 @@ def test_planted_run_features_csv_and_summary(planted, tmp_path):
     scale = 3.0
     out = diagnose(
         DiagnoseConfig(run=str(run), out=str(tmp_path / "rep"), ln_scale=scale, n_logit_tokens=5)
-    )
+    ).path
 
     rows = read_csv(out / "features.csv")
     assert list(rows[0]) == [
@@ -148,7 +148,7 @@ def test_resolvable_threshold_warning_and_pooling(planted, tmp_path):
         DiagnoseConfig(
             run=str(run), out=str(tmp_path / "r"), logits=False, min_window_tokens=250_000
         )
-    )
+    ).path
     s = json.loads((out / "summary.json").read_text())
     assert s["window"]["windows_pooled"] == 3 and s["window"]["tokens"] == 300_000
     assert any("below what the window can resolve" in w for w in s["warnings"])
@@ -162,6 +162,47 @@ def test_resolvable_threshold_warning_and_pooling(planted, tmp_path):
         diagnose(DiagnoseConfig(run=str(run), out=str(tmp_path / "r"), logits=False))
     with pytest.raises(SaekitError, match="not a directory"):
         diagnose(DiagnoseConfig(run=str(tmp_path / "nope"), out=str(tmp_path / "r2")))
+
+
+def test_report_handle_reads_the_tables_back_typed(planted, tmp_path):
+    import saekit
+    from saekit.diagnostics.report import FEATURE_COLUMNS, Report
+
+    d_sae = 40
+    W_enc, bias, W_dec, want = planted.geometry(d_sae, D_IN)
+    hist, _ = planted.history(d_sae)
+    planted.write_run(tmp_path / "run", W_enc, bias, W_dec, hist)
+    rep = saekit.diagnose(tmp_path / "run", out=str(tmp_path / "rep"), ln_scale=3.0)
+    assert isinstance(rep, Report) and rep.path == tmp_path / "rep" and rep.html.is_file()
+    assert rep.summary == json.loads((tmp_path / "rep" / "summary.json").read_text())
+    f = rep.features
+    assert list(f) == list(FEATURE_COLUMNS)
+    assert f["index"].dtype == np.int64 and f["index"].tolist() == list(range(d_sae))
+    final = hist["counts"][-1].numpy() / WIN_TOKENS
+    assert f["density"].dtype == np.float64
+    np.testing.assert_allclose(f["density"], final, rtol=1e-6)
+    assert np.isneginf(f["log10_density"][:10]).all() and np.isfinite(f["log10_density"][10:]).all()
+    assert f["class"].tolist() == ["dead"] * 10 + ["ultra_rare"] * 10 + ["live"] * 20
+    assert f["held_out"].dtype == bool and np.flatnonzero(f["held_out"]).tolist() == [
+        0, 1, 2, 3, 4, 10, 11, 12
+    ]  # fmt: skip
+    np.testing.assert_allclose(f["encoder_bias"], want["bias"].numpy(), atol=1e-5)
+    assert len(f["top_logit_tokens"]) == d_sae
+    assert all(isinstance(t, list) and len(t) == 10 for t in f["top_logit_tokens"])
+    assert "40 features: 10 dead, 10 ultra-rare, 20 live" in repr(rep)
+
+    # Without logit weights the token columns are None; a planted empty slope reads as NaN.
+    from saekit.diagnostics.diagnose import DiagnoseConfig as Cfg
+    from saekit.diagnostics.diagnose import diagnose as run_diagnose
+
+    hist["counts"][:, 25] = 0  # never fired: no slope to fit
+    planted.write_run(tmp_path / "run2", W_enc, bias, W_dec, hist)
+    run_diagnose(Cfg(run=str(tmp_path / "run2"), out=str(tmp_path / "rep2"), logits=False))
+    f2 = Report.open(tmp_path / "rep2").features
+    assert f2["top_logit_tokens"] == [None] * d_sae
+    assert np.isnan(f2["density_slope"][25]) and not np.isnan(f2["density_slope"][24])
+    with pytest.raises(SaekitError, match="not a report dir"):
+        Report.open(tmp_path / "run")
 
 
 def test_classify_and_geometry_on_planted_tensors(planted):
@@ -304,7 +345,7 @@ def test_diagnose_16k_features_under_60s(planted, tmp_path):
     run = tmp_path / "run"
     planted.big_run(run)
     t0 = time.time()
-    out = diagnose(DiagnoseConfig(run=str(run), out=str(tmp_path / "rep")))
+    out = diagnose(DiagnoseConfig(run=str(run), out=str(tmp_path / "rep"))).path
     elapsed = time.time() - t0
     print(f"diagnose on 16384 features: {elapsed:.1f}s")
     assert elapsed < 60
@@ -367,7 +408,7 @@ def test_fresh_density_and_top_contexts_from_a_cache(planted, tmp_path):
             features=[7, 2],
             ln_scale=2.0,
         )
-    )
+    ).path
     rows = read_csv(out / "features.csv")
     want = [sum(r >= skip for r in f) / (n_rows - skip) for f in fires]
     assert [float(r["density"]) for r in rows] == pytest.approx(want)

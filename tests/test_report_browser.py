@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from saekit.diagnostics.report import DiagnoseConfig, diagnose
+from saekit.diagnostics.diagnose import DiagnoseConfig, diagnose
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -136,14 +136,14 @@ def test_report_opens_offline_in_chromium(planted, tmp_path):
     planted.write_run(tmp_path / "run", W_enc, bias, W_dec, hist)
     out = diagnose(
         DiagnoseConfig(run=str(tmp_path / "run"), out=str(tmp_path / "rep"), ln_scale=3.0)
-    )
+    ).path
     check_report(out / "report.html", tmp_path)
 
 
 @pytest.mark.slow  # ~45 s: a 16k-feature page with a 3-D WebGL scatter, rendered twice
 def test_16k_feature_report_is_small_and_opens(planted, tmp_path):
     planted.big_run(tmp_path / "run")
-    out = diagnose(DiagnoseConfig(run=str(tmp_path / "run"), out=str(tmp_path / "rep")))
+    out = diagnose(DiagnoseConfig(run=str(tmp_path / "run"), out=str(tmp_path / "rep"))).path
     size = (out / "report.html").stat().st_size
     assert size < 8 * 2**20, f"report.html is {size / 2**20:.1f} MB"
     check_report(out / "report.html", tmp_path)

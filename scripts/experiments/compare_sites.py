@@ -118,9 +118,9 @@ def compare_sites(cfg: CompareSitesConfig) -> Path:
     from saekit.activations.cache import CacheConfig, build_cache
     from saekit.activations.corpus import load_texts, tokenize_contexts
     from saekit.activations.models import load_model
+    from saekit.diagnostics.diagnose import DiagnoseConfig, diagnose
     from saekit.diagnostics.evaluate import EvaluateConfig, evaluate
     from saekit.diagnostics.features import ln_final_scale
-    from saekit.diagnostics.report import DiagnoseConfig, diagnose
     from saekit.sae.io import atomic_write_bytes, atomic_write_json
     from saekit.training.config import TrainConfig
     from saekit.training.trainer import train
@@ -179,17 +179,15 @@ def compare_sites(cfg: CompareSitesConfig) -> Path:
             )
         )
         ev = evaluate(EvaluateConfig(run=str(run), tokens=cfg.eval_tokens, device=cfg.device))
-        rep = Path(
-            diagnose(
-                DiagnoseConfig(
-                    run=str(run),
-                    out=str(out / "reports" / site),
-                    cache=str(cache_of[site]),
-                    tokens=cfg.tokens,
-                    device=cfg.device,
-                )
+        rep = diagnose(
+            DiagnoseConfig(
+                run=str(run),
+                out=str(out / "reports" / site),
+                cache=str(cache_of[site]),
+                tokens=cfg.tokens,
+                device=cfg.device,
             )
-        )
+        ).path
         summary = json.loads((rep / "summary.json").read_text())
         log10, cls = _read_features(rep / "features.csv")
         conc = site_concentration(Path(run), model, scale)
@@ -258,7 +256,8 @@ def render_compare(doc: dict, results: dict[str, dict]) -> str:
     from plotly.offline import get_plotlyjs
     from plotly.subplots import make_subplots
 
-    from saekit.diagnostics.report import _CSS, CLASS_COLOURS
+    from saekit.diagnostics.figures import CLASS_COLOURS
+    from saekit.diagnostics.page import CSS
 
     sites = list(results)
     figs = []
@@ -320,7 +319,7 @@ def render_compare(doc: dict, results: dict[str, dict]) -> str:
     b = doc["budget"]
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>saekit: site comparison</title>",
-        f"<style>{_CSS}</style>",
+        f"<style>{CSS}</style>",
         f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>",
         f"<h1>Site comparison: {html.escape(doc['model'])}, layer {doc['layer']}</h1>",
         f"<p>Same budget per site: {b['tokens_cached']:,} cached tokens, {b['features']} features, "

@@ -57,8 +57,8 @@ class RareFeatureConfig:
 
 def rare_feature_experiment(cfg: RareFeatureConfig) -> Path:
     from saekit.activations.cache import CacheConfig, build_cache
+    from saekit.diagnostics.diagnose import DiagnoseConfig, diagnose
     from saekit.diagnostics.evaluate import EvaluateConfig, evaluate
-    from saekit.diagnostics.report import DiagnoseConfig, diagnose
     from saekit.sae.io import atomic_write_json
     from saekit.training.config import TrainConfig
     from saekit.training.trainer import train
@@ -103,16 +103,14 @@ def rare_feature_experiment(cfg: RareFeatureConfig) -> Path:
         )
     )
     ev = evaluate(EvaluateConfig(run=str(run), device=cfg.device))
-    report = Path(
-        diagnose(
-            DiagnoseConfig(
-                run=str(run),
-                out=str(out / "report"),
-                min_window_tokens=cfg.pool_tokens,
-                device=cfg.device,
-            )
+    report = diagnose(
+        DiagnoseConfig(
+            run=str(run),
+            out=str(out / "report"),
+            min_window_tokens=cfg.pool_tokens,
+            device=cfg.device,
         )
-    )
+    ).path
     summary = json.loads((report / "summary.json").read_text())
     doc = {
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},

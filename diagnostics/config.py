@@ -1,0 +1,136 @@
+"""`saekit diagnose`'s flags (DiagnoseConfig) and the checks that refuse bad ones before any
+file is read or written."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..sae.errors import SaekitError, check_device
+
+REPORT_FILES = ("report.html", "features.csv", "summary.json")  # what a report dir holds
+
+
+@dataclass
+class DiagnoseConfig:
+    """Classify an SAE's features (dead / ultra-rare / live), measure their geometry and logit
+    weights, run the dying test on the density history, and write report.html, features.csv and
+    summary.json."""
+
+    run: str
+    """run dir written by `saekit train`"""
+    out: str
+    """report dir to write report.html, features.csv and summary.json into"""
+    cache: str | None = None
+    """cache dir: measure every feature's density afresh on --tokens rows from the end of the
+    cache (instead of the last training window) and show top-activating contexts"""
+    tokens: int = 200_000
+    """with --cache: how many cache rows (tokens) to measure density on"""
+    batch_size: int = 4096
+    """with --cache: rows per SAE forward pass"""
+    dead_threshold: float = 0.0
+    """dead: density at most this (0: zero firings in the window)"""
+    ultra_rare_threshold: float = 1e-6
+    """ultra-rare: density above the dead threshold and below this"""
+    min_window_tokens: int = 0
+    """density from training history: pool the last windows until they hold at least this many
+    tokens (0: the last window only)"""
+    rare_threshold: float = 1e-5
+    """dying test: besides the control group, features whose density was below this in some
+    window since their last resampling are tested"""
+    dying_windows: int = 3
+    """dying test: a feature with zero firings in all of its last this-many windows died"""
+    dying_window_tokens: int | None = None
+    """dying test: pool training windows (never across a resampling) to at least this many
+    tokens each (default: 3 / rare-threshold, so a feature at the rare threshold expects 3
+    firings per window)"""
+    alpha: float = 0.01
+    """dying test: significance level of the one-sided t-test on the slope"""
+    features: list[int] = field(default_factory=list)
+    """features to show logit weights and contexts for (empty: a few live, ultra-rare and
+    control-group features, chosen with --seed)"""
+    n_show: int = 4
+    """when --features is empty: how many features of each group to show"""
+    n_top_contexts: int = 8
+    """with --cache: top-activating contexts shown per chosen feature"""
+    n_logit_tokens: int = 10
+    """top and bottom logit tokens listed per feature"""
+    logits: bool = True
+    """compute logit weights (loads the run's model)"""
+    ln_scale: float | None = None
+    """ln_final's typical scale for the logit weights (default: measured on ~2k tokens of the
+    run's dataset, test split)"""
+    device: str = "cpu"
+    """torch device"""
+    seed: int = 0
+    """seed for choosing features to show and for sampling plots"""
+    overwrite: bool = False
+    """replace an existing report in --out"""
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def check_out(cfg: DiagnoseConfig) -> Path:
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise SaekitError(f"--out {out} is a file; pass a directory")
+    existing = [f for f in REPORT_FILES if (out / f).exists()]
+    if existing and not cfg.overwrite:
+        raise SaekitError(f"{out} already holds {existing[0]}; pass --overwrite or another --out")
+    return out
+
+
+def check_config(cfg: DiagnoseConfig) -> None:
+    """SaekitError for any flag out of its range (nan included), before anything is loaded."""
+    checks = [
+        (0 < cfg.alpha < 1, f"--alpha must be between 0 and 1 (got {cfg.alpha})"),
+        (
+            0 <= cfg.dead_threshold < cfg.ultra_rare_threshold <= 1,
+            "need 0 <= --dead-threshold < --ultra-rare-threshold <= 1 "
+            f"(got {cfg.dead_threshold} and {cfg.ultra_rare_threshold})",
+        ),
+        (
+            0 < cfg.rare_threshold <= 1,
+            f"--rare-threshold must be in (0, 1] (got {cfg.rare_threshold})",
+        ),
+        (cfg.dying_windows >= 1, f"--dying-windows must be >= 1 (got {cfg.dying_windows})"),
+        (
+            cfg.dying_window_tokens is None or cfg.dying_window_tokens >= 1,
+            f"--dying-window-tokens must be >= 1 (got {cfg.dying_window_tokens})",
+        ),
+        (
+            cfg.min_window_tokens >= 0,
+            f"--min-window-tokens must be >= 0 (got {cfg.min_window_tokens})",
+        ),
+        (cfg.n_show >= 0, f"--n-show must be >= 0 (got {cfg.n_show})"),
+        (cfg.n_top_contexts >= 1, f"--n-top-contexts must be >= 1 (got {cfg.n_top_contexts})"),
+        (cfg.n_logit_tokens >= 1, f"--n-logit-tokens must be >= 1 (got {cfg.n_logit_tokens})"),
+        (
+            cfg.ln_scale is None or 0 < cfg.ln_scale < math.inf,
+            f"--ln-scale must be a finite number > 0 (got {cfg.ln_scale})",
+        ),
+        (cfg.tokens >= 1, f"--tokens must be >= 1 (got {cfg.tokens})"),
+        (cfg.batch_size >= 1, f"--batch-size must be >= 1 (got {cfg.batch_size})"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise SaekitError(msg)
+    check_device(cfg.device)
+
+
+def check_inputs(cfg: DiagnoseConfig) -> Path:
+    """Every check that needs no file read: the paths and the flags. Returns the report dir."""
+    run = Path(cfg.run)
+    if not run.is_dir():
+        raise SaekitError(
+            f"--run {run} is not a directory; pass a run dir written by `saekit train`"
+        )
+    out = check_out(cfg)
+    check_config(cfg)
+    if cfg.cache is not None and not Path(cfg.cache).is_dir():
+        raise SaekitError(
+            f"--cache {cfg.cache} is not a directory; pass a cache dir from `saekit cache`"
+        )
+    return out

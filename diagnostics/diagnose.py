@@ -1,0 +1,358 @@
+"""`saekit diagnose`: classify features, run the dying test, and write the report dir.
+
+`diagnose(cfg)` is a short sequence of steps: check the flags (diagnostics/config.py); load the
+SAE, the density history and the model; measure density (from the history, or afresh on the
+cache); classes and geometry; the dying test; logit weights; assemble one `ReportData`; write
+features.csv, summary.json and report.html (diagnostics/report.py, figures.py, page.py).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from ..sae.errors import SaekitError
+from ..training.run import History, last_metrics, load_history
+from . import dying
+from .config import DiagnoseConfig, check_inputs
+from .contexts import CacheRows, contexts_text, measure_on_cache
+from .features import (
+    CLASSES,
+    LIVE,
+    ULTRA_RARE,
+    FreshDensity,
+    TopLogits,
+    classify,
+    feature_geometry,
+    rare_cluster_geometry,
+    run_logit_tokens,
+    vocab_strings,
+)
+from .report import Report, ReportData, features_csv, jsonable
+
+
+class RunInputs(NamedTuple):
+    run: Path  # the run dir
+    sae: Any  # saekit.sae.model.SAE, in eval mode on cfg.device
+    meta: dict  # cfg.json's saekit metadata
+    history: History | None  # density_history.safetensors (None when absent)
+    metrics: dict  # the last line of metrics.jsonl ({} when absent)
+    control: torch.Tensor  # bool [F]: the held-out control group
+
+
+def load_inputs(cfg: DiagnoseConfig) -> RunInputs:
+    """The SAE, its history and metrics; SaekitError when they cannot make a report."""
+    from ..sae.io import load_sae
+
+    run = Path(cfg.run)
+    sae, meta = load_sae(run, device=cfg.device)
+    sae.eval()
+    d_sae = sae.W_dec.shape[0]
+    bad = [i for i in cfg.features if not 0 <= i < d_sae]
+    if bad:
+        raise SaekitError(f"--features {bad[0]} is out of range; the SAE has {d_sae} features")
+    if cfg.cache is not None:
+        from ..activations.cache import read_manifest
+        from .evaluate import check_cache_of_run
+
+        check_cache_of_run(Path(cfg.cache), read_manifest(cfg.cache), meta, run)
+    hist_path = run / "density_history.safetensors"
+    hist = load_history(hist_path, d_sae) if hist_path.is_file() else None
+    if hist is None and cfg.cache is None:
+        raise SaekitError(
+            f"{run} has no density_history.safetensors; pass --cache to measure density afresh"
+        )
+    if hist is not None and len(hist.counts) == 0 and cfg.cache is None:
+        raise SaekitError(f"{hist_path} holds no windows (training too short); pass --cache")
+    control = hist.control_mask if hist is not None else torch.zeros(d_sae, dtype=torch.bool)
+    return RunInputs(run, sae, meta, hist, last_metrics(run / "metrics.jsonl"), control)
+
+
+def load_run_model(cfg: DiagnoseConfig, meta: dict, warnings: list[str]) -> tuple[Any, list[str]]:
+    """The run's model and its token texts, for logit weights and contexts (loaded before any
+    long work: it fails fast when offline). (None, []) when neither needs it."""
+    if not (cfg.logits or cfg.cache is not None):
+        return None, []
+    from ..activations.models import load_model as load
+
+    try:
+        model = load(meta.get("model_name") or "default", device=cfg.device)
+    except SaekitError as e:
+        if cfg.logits:
+            raise SaekitError(f"{e} (or pass --no-logits to skip logit weights)") from None
+        warnings.append(f"Contexts show token ids: the run's model did not load ({e}).")
+        return None, []
+    if cfg.logits and cfg.n_logit_tokens > model.cfg.d_vocab:
+        raise SaekitError(
+            f"--n-logit-tokens {cfg.n_logit_tokens} exceeds the model's vocabulary of {model.cfg.d_vocab} tokens; lower it"
+        )
+    return model, vocab_strings(model.tokenizer, model.cfg.d_vocab)
+
+
+def choose_features(cfg: DiagnoseConfig, classes: torch.Tensor, control: torch.Tensor) -> list[int]:
+    """--features, or up to --n-show each of live, ultra-rare and control-group features."""
+    d_sae = len(classes)
+    if cfg.features:
+        bad = [i for i in cfg.features if not 0 <= i < d_sae]
+        if bad:
+            raise SaekitError(f"--features {bad[0]} is out of range; the SAE has {d_sae} features")
+        return list(dict.fromkeys(cfg.features))
+    g = torch.Generator().manual_seed(cfg.seed)
+    chosen: list[int] = []
+    for sel in (classes == LIVE, classes == ULTRA_RARE, control):
+        idx = sel.nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)[: cfg.n_show]]
+        chosen += [i for i in sorted(idx.tolist()) if i not in chosen]
+    return chosen
+
+
+class Density(NamedTuple):
+    counts: torch.Tensor  # int64 [F]: firings over the window
+    n_tokens: int  # tokens in the window
+    source: str  # where the window came from, in words
+    window: dict  # summary.json's "window"
+    fresh: FreshDensity | None  # the fresh measurement (with --cache)
+    rows: CacheRows | None  # where the measured cache rows came from (with --cache)
+    chosen: list[int] | None  # with --cache: the features tracked for contexts
+
+
+def density_from_history(cfg: DiagnoseConfig, hist: History) -> Density:
+    """Counts over the last window, or the last windows pooled to --min-window-tokens."""
+    tok = hist.window_tokens.flip(0).cumsum(0)
+    n_pool = int((tok < max(cfg.min_window_tokens, 1)).sum()) + 1
+    n_pool = min(n_pool, len(tok))
+    window = {
+        "windows_pooled": n_pool,
+        "tokens": int(hist.window_tokens[-n_pool:].sum()),
+        "first_window_end_step": int(hist.window_end_step[-n_pool]),
+        "last_window_end_step": int(hist.window_end_step[-1]),
+    }
+    source = f"training history: the last {n_pool} window(s)"
+    counts = hist.counts[-n_pool:].sum(0)
+    return Density(counts, window["tokens"], source, window, None, None, None)
+
+
+def density_from_cache(cfg: DiagnoseConfig, inp: RunInputs) -> Density:
+    """Counts (and top contexts of the features to show) afresh on the cache's last rows."""
+    hist, d_sae = inp.history, len(inp.control)
+    # Which features to track must be known before the pass: choose from the history's
+    # classes when there is one, else from a first guess of "everything live".
+    pre_cls = (
+        classify(
+            hist.counts[-1],
+            int(hist.window_tokens[-1]),
+            cfg.dead_threshold,
+            cfg.ultra_rare_threshold,
+        )
+        if hist is not None and len(hist.counts)
+        else torch.full((d_sae,), LIVE)
+    )
+    chosen = choose_features(cfg, pre_cls, inp.control)
+    track = torch.tensor(chosen, dtype=torch.long)
+    _, fresh, rows = measure_on_cache(
+        cfg.cache,
+        inp.sae,
+        track,
+        cfg.n_top_contexts,
+        cfg.tokens,
+        cfg.batch_size,
+        inp.meta.get("hook_name"),
+    )
+    if fresh.n_tokens == 0:
+        raise SaekitError(f"cache {cfg.cache} holds no rows; rebuild it")
+    n = fresh.n_tokens
+    source = f"fresh measurement on the last {n} rows of the cache {cfg.cache}"
+    return Density(
+        fresh.counts, n, source, {"windows_pooled": None, "tokens": n}, fresh, rows, chosen
+    )
+
+
+def resolution_warnings(cfg: DiagnoseConfig, n_tokens: int) -> list[str]:
+    """A warning per class threshold the window is too short to resolve."""
+    resolvable = 1.0 / n_tokens
+    return [
+        f"The {name} threshold {thr:g} is below what the window can resolve "
+        f"(1/{n_tokens} tokens = {resolvable:.3g}): a feature below it shows as zero firings, "
+        f"so the {name} count cannot be told apart from the dead count. Use more tokens "
+        "(--min-window-tokens, or --cache with --tokens) or a higher threshold."
+        for name, thr in (("ultra-rare", cfg.ultra_rare_threshold), ("dead", cfg.dead_threshold))
+        if 0 < thr < resolvable
+    ]
+
+
+def run_dying_test(
+    cfg: DiagnoseConfig, hist: History | None
+) -> tuple[dying.DyingTest | None, dict]:
+    """The dying test on the history, and its summary.json entry."""
+    if hist is None or not len(hist.counts):
+        return None, {"verdict": "No density history in the run dir: no dying test."}
+    dtest = dying.dying_test(
+        hist.counts,
+        hist.window_tokens,
+        hist.window_end_step,
+        hist.resample_steps,
+        hist.resampled,
+        hist.control_mask,
+        rare_threshold=cfg.rare_threshold,
+        last_windows=cfg.dying_windows,
+        alpha=cfg.alpha,
+        min_window_tokens=cfg.dying_window_tokens,
+    )
+    return dtest, dying.summarize(dtest, cfg.alpha)
+
+
+class Logits(NamedTuple):
+    top: TopLogits | None  # top and bottom tokens per feature (None: not computed)
+    vocab: list[str]  # the token texts the ids index
+    info: dict  # summary.json's "logit_weights"
+
+
+def logit_weights_step(
+    cfg: DiagnoseConfig,
+    model,
+    meta: dict,
+    W_dec: torch.Tensor,
+    vocab: list[str],
+    warnings: list[str],
+) -> Logits:
+    """Top and bottom logit tokens of every feature (when --logits and the site has a path)."""
+    if not cfg.logits:
+        return Logits(None, vocab, {"computed": False})
+    assert model is not None
+    top, info, warning = run_logit_tokens(model, meta, W_dec, cfg.n_logit_tokens, cfg.ln_scale)
+    if warning:
+        warnings.append(warning)
+    if info.get("recipe") == "logits":  # the decoder rows are logits: ids index W_dec's columns
+        vocab = vocab_strings(model.tokenizer, W_dec.shape[1])
+    return Logits(top, vocab, info)
+
+
+def build_summary(
+    cfg: DiagnoseConfig,
+    inp: RunInputs,
+    dens: Density,
+    classes: torch.Tensor,
+    geometry: dict,
+    dying_summary: dict,
+    logits: Logits,
+    chosen: list[int],
+    warnings: list[str],
+) -> dict:
+    """summary.json."""
+    hist, metrics, d_sae = inp.history, inp.metrics, len(classes)
+    n_cls = {name: int((classes == c).sum()) for c, name in enumerate(CLASSES)}
+    if dens.fresh is not None:
+        l0, fvu, l0_src = dens.fresh.l0, dens.fresh.fvu, "fresh measurement on the cache rows"
+    else:
+        l0, fvu = metrics.get("l0"), metrics.get("fvu")
+        l0_src = f"metrics.jsonl, last line (step {metrics.get('step')})" if metrics else None
+    history = None
+    if hist is not None:
+        n_w = len(hist.counts)
+        history = {
+            "n_windows": n_w,
+            "window_tokens_min": int(hist.window_tokens.min()) if n_w else None,
+            "window_tokens_max": int(hist.window_tokens.max()) if n_w else None,
+            "density_window": hist.metadata.get("density_window"),
+            "n_resampling_events": len(hist.resample_steps),
+        }
+    return {
+        "run": str(inp.run),
+        "cache": cfg.cache,
+        "n_features": d_sae,
+        "counts": n_cls,
+        "fractions": {k: v / d_sae for k, v in n_cls.items()},
+        "held_out": int(inp.control.sum()),
+        "thresholds": {"dead": cfg.dead_threshold, "ultra_rare": cfg.ultra_rare_threshold},
+        "density_source": dens.source,
+        "window": dens.window,
+        "resolvable_threshold": 1.0 / dens.n_tokens,
+        "history": history,
+        "l0": l0,
+        "fvu": fvu,
+        "l0_fvu_source": l0_src,
+        "dying_test": dying_summary,
+        "geometry": geometry,
+        "logit_weights": logits.info,
+        "shown_features": chosen,
+        "warnings": warnings,
+        "csv_conventions": (
+            "log10_density is -inf for zero firings; empty field = not computable; density_slope "
+            "is the OLS slope of log10 density per training step over the dying test's pooled "
+            "windows since the feature's last resampling in which it fired"
+        ),
+    }
+
+
+def write_report(out: Path, data: ReportData) -> None:
+    """features.csv, summary.json and report.html, each written atomically."""
+    from ..sae.io import atomic_write_bytes, atomic_write_json
+    from .figures import panels
+    from .page import render_page
+
+    table = features_csv(data)
+    page = render_page(data, panels(data))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "features.csv", table.encode())
+    atomic_write_json(out / "summary.json", jsonable(data.summary))
+    atomic_write_bytes(out / "report.html", page.encode())
+
+
+def diagnose(cfg: DiagnoseConfig) -> Report:
+    """Write report.html, features.csv and summary.json into cfg.out; returns the Report."""
+    t0 = time.time()
+    out = check_inputs(cfg)
+    inp = load_inputs(cfg)
+    warnings: list[str] = []
+    model, vocab = load_run_model(cfg, inp.meta, warnings)
+    dens = (
+        density_from_cache(cfg, inp)
+        if cfg.cache is not None
+        else density_from_history(cfg, inp.history)
+    )
+    warnings += resolution_warnings(cfg, dens.n_tokens)
+    classes = classify(dens.counts, dens.n_tokens, cfg.dead_threshold, cfg.ultra_rare_threshold)
+    W_enc, b_enc, W_dec = (
+        t.detach().float().cpu() for t in (inp.sae.W_enc, inp.sae.b_enc, inp.sae.W_dec)
+    )
+    geo = feature_geometry(W_enc, b_enc, W_dec)
+    chosen = dens.chosen if dens.chosen is not None else choose_features(cfg, classes, inp.control)
+    dtest, dying_summary = run_dying_test(cfg, inp.history)
+    logits = logit_weights_step(cfg, model, inp.meta, W_dec, vocab, warnings)
+    vocab = logits.vocab
+    neuron_basis = inp.meta.get("site") == "mlp_post"
+    geometry = rare_cluster_geometry(W_enc, W_dec, classes, neuron_basis=neuron_basis)
+    summary = build_summary(
+        cfg, inp, dens, classes, geometry, dying_summary, logits, chosen, warnings
+    )
+    contexts = None
+    if dens.fresh is not None and dens.rows is not None:
+        vocab = vocab or vocab_strings(None, int(dens.rows.tokens.max()) + 1)
+        contexts = contexts_text(dens.rows, dens.fresh.top_rows, dens.fresh.top_values, vocab)
+    data = ReportData(
+        cfg=cfg,
+        summary=summary,
+        density=(dens.counts.double() / dens.n_tokens).numpy(),
+        classes=classes.numpy(),
+        geometry=geo,
+        slope=dtest.fit.slope if dtest is not None else np.full(len(classes), np.nan),
+        control=inp.control.numpy(),
+        history=inp.history,
+        dying=dtest,
+        logits=logits.top,
+        vocab=vocab,
+        chosen=chosen,
+        contexts=contexts,
+        warnings=warnings,
+    )
+    write_report(out, data)
+    n_cls = summary["counts"]
+    print(
+        f"diagnose: {data.n_features} features: {n_cls['dead']} dead, {n_cls['ultra_rare']} ultra-rare, "
+        f"{n_cls['live']} live; report in {out} ({time.time() - t0:.1f}s)"
+    )
+    return Report(out)

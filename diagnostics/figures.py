@@ -1,0 +1,329 @@
+"""The report's figures: one function per figure, each taking the ReportData and returning a
+`Panel` (title, plotly figure, note), or None when the run has nothing to draw it from.
+
+FIGURES lists them in page order; a new figure is a new function added there. Each figure that
+samples features draws its own sample with --seed, independent of which other figures run.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import dying
+from .features import CLASSES, ULTRA_RARE
+from .report import ReportData
+
+CLASS_COLOURS = {"dead": "#7f7f7f", "ultra_rare": "#d62728", "live": "#1f77b4"}
+OUTCOME_COLOURS = {
+    "keeps_falling": "#d62728",
+    "settles": "#2ca02c",
+    "died": "#000000",
+    "too_few_points": "#bcbd22",
+}
+MAX_SCATTER = 20_000  # points in the 3-D scatter
+MAX_HEAT_ROWS = 500  # features in the heat map (evenly spaced ranks when more): ~1 per pixel row
+MAX_HEAT_COLS = 300  # windows (adjacent windows pooled when more)
+MAX_LINES = 20  # trajectories per group in the line plots
+LAYOUT = dict(template="plotly_white", height=420, margin=dict(l=60, r=20, t=50, b=50))
+
+
+class Panel(NamedTuple):
+    title: str  # the section heading
+    figure: Any  # plotly.graph_objects.Figure
+    note: str  # HTML shown under the heading ("" for none)
+
+
+def _log_density_plot(data: ReportData) -> tuple[np.ndarray, float]:
+    """log10 density per feature with dead features at `floor`, half a decade below what the
+    window resolves (so they show on a log axis), and that floor."""
+    with np.errstate(divide="ignore"):
+        logd = np.log10(data.density)
+    floor = math.log10(1.0 / data.summary["window"]["tokens"]) - 0.5
+    return np.where(np.isfinite(logd), logd, floor).astype(np.float32), floor
+
+
+def _pool_windows(hist, max_cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(counts [W', F], tokens [W'], end steps [W']) with adjacent windows pooled to <= max_cols."""
+    c = hist.counts.numpy()
+    tok = hist.window_tokens.numpy()
+    steps = hist.window_end_step.numpy()
+    n = len(tok)
+    if n <= max_cols:
+        return c, tok, steps
+    edges = np.linspace(0, n, max_cols + 1).astype(int)
+    c = np.add.reduceat(c, edges[:-1], axis=0)
+    tok = np.add.reduceat(tok, edges[:-1])
+    return c, tok, steps[edges[1:] - 1]
+
+
+def _log_density(c: np.ndarray, tok: np.ndarray) -> np.ndarray:
+    """log10 density with NaN (a gap in the plots) where a feature did not fire."""
+    with np.errstate(divide="ignore"):
+        d = np.log10(c / tok.reshape(-1, *([1] * (c.ndim - 1))))
+    return np.where(np.isfinite(d), d, np.nan).astype(np.float32)
+
+
+def _event_shapes(steps: np.ndarray) -> list[dict]:
+    """Dotted vertical lines at the (first 100) resampling events."""
+    line = dict(color="#999", dash="dot", width=1)
+    return [
+        dict(type="line", xref="x", yref="paper", x0=s, x1=s, y0=0, y1=1, line=line)
+        for s in steps[:100].tolist()
+    ]
+
+
+def density_histogram(data: ReportData) -> Panel:
+    """log10 density histogram by class."""
+    import plotly.graph_objects as go
+
+    logd_plot, floor = _log_density_plot(data)
+    f = go.Figure()
+    for c, name in enumerate(CLASSES):
+        sel = data.classes == c
+        if sel.any():
+            f.add_histogram(
+                x=logd_plot[sel],
+                name=f"{name} ({int(sel.sum())})",
+                marker_color=CLASS_COLOURS[name],
+                nbinsx=80,
+            )
+    f.update_layout(
+        barmode="overlay", xaxis_title="log10 density", yaxis_title="features", **LAYOUT
+    )
+    f.update_traces(opacity=0.75)
+    n_tok = data.summary["window"]["tokens"]
+    note = f"Dead features (zero firings) are drawn at {floor:.2f}, half a decade below 1/{n_tok} tokens."
+    return Panel("Feature density", f, note)
+
+
+def density_heatmap(data: ReportData) -> Panel | None:
+    """Every feature's (or an even sample's) log10 density per training window."""
+    import plotly.graph_objects as go
+
+    hist = data.history
+    if hist is None or not len(hist.counts):
+        return None
+    c, tok, steps = _pool_windows(hist, MAX_HEAT_COLS)
+    ld = _log_density(c, tok)  # [W, F]
+    final = np.nan_to_num(ld[-1], nan=-99.0)
+    order = np.argsort(-final, kind="stable")
+    if len(order) > MAX_HEAT_ROWS:
+        order = order[np.linspace(0, len(order) - 1, MAX_HEAT_ROWS).round().astype(int)]
+    f = go.Figure(
+        go.Heatmap(
+            z=ld[:, order].T,
+            x=steps,
+            y=[f"f{i}" for i in order],  # categorical: one row per feature, labelled by index
+            hovertemplate="feature %{y}<br>step %{x}<br>log10 density %{z:.2f}<extra></extra>",
+            colorscale="Viridis",
+            colorbar=dict(title="log10 density"),
+        )
+    )
+    f.update_layout(
+        xaxis_title="training step (window end)",
+        yaxis_title="features, sorted by final density",
+        shapes=_event_shapes(hist.resample_steps.numpy()),
+        **{**LAYOUT, "height": 500},
+    )
+    f.update_yaxes(showticklabels=False)
+    note = "Blank cells: zero firings in that window. Dotted lines: resampling events."
+    if data.n_features > MAX_HEAT_ROWS:
+        note += f" {MAX_HEAT_ROWS} of {data.n_features} features shown (evenly spaced in the density ranking)."
+    if len(hist.counts) > MAX_HEAT_COLS:
+        note += f" Adjacent windows pooled into {MAX_HEAT_COLS} columns."
+    return Panel("Density over training", f, note)
+
+
+def _pooled_log_density(dtest: dying.DyingTest) -> np.ndarray:
+    """[W', F] log10 density over the dying test's pooled windows, NaN (a gap) for no firings."""
+    return np.where(np.isfinite(dtest.log_density), dtest.log_density, np.nan)
+
+
+def rare_trajectories(data: ReportData) -> Panel | None:
+    """Density over training of a sample of ultra-rare and of control-group features."""
+    import plotly.graph_objects as go
+
+    dtest, hist = data.dying, data.history
+    if dtest is None or hist is None:
+        return None
+    # Trajectories use the dying test's pooled windows (each large enough to resolve the
+    # rare threshold), not the raw training windows.
+    ld = _pooled_log_density(dtest)
+    rng = np.random.default_rng(data.cfg.seed)
+    f = go.Figure()
+    rare = np.flatnonzero((data.classes == ULTRA_RARE) & ~data.control)
+    groups = (
+        ("ultra-rare", rare, "#d62728"),
+        ("control group", np.flatnonzero(data.control), "#9467bd"),
+    )
+    for gname, idx, colour in groups:
+        idx = rng.permutation(idx)[:MAX_LINES]
+        for j, i in enumerate(sorted(idx.tolist())):
+            f.add_scatter(
+                x=dtest.steps,
+                y=ld[:, i],
+                mode="lines+markers",
+                line=dict(color=colour, width=1),
+                marker=dict(size=3),
+                name=gname,
+                legendgroup=gname,
+                showlegend=j == 0,
+                hovertemplate=f"feature {i}<br>step %{{x}}<br>log10 density %{{y:.2f}}<extra></extra>",
+            )
+    f.update_layout(
+        xaxis_title="training step",
+        yaxis_title="log10 density",
+        shapes=_event_shapes(hist.resample_steps.numpy()),
+        **LAYOUT,
+    )
+    note = (
+        f"Up to {MAX_LINES} features per group, over the dying test's pooled windows "
+        f"({int(dtest.window_tokens.min())}-{int(dtest.window_tokens.max())} tokens each); "
+        "gaps are windows with zero firings; dotted lines are resampling events."
+    )
+    return Panel("Rare and control-group features over training", f, note)
+
+
+def dying_trajectories(data: ReportData) -> Panel | None:
+    """A sample of the dying test's members per outcome, each over its current segment."""
+    import plotly.graph_objects as go
+
+    dtest = data.dying
+    if dtest is None:
+        return None
+    ld = _pooled_log_density(dtest)
+    rng = np.random.default_rng(data.cfg.seed)
+    f = go.Figure()
+    steps = dtest.steps.astype(np.float64)
+    for outcome in dying.OUTCOMES:
+        idx = np.flatnonzero(dtest.outcome == outcome)
+        idx = np.sort(rng.permutation(idx)[:MAX_LINES])
+        for j, i in enumerate(idx.tolist()):
+            seg = steps > dtest.start_step[i]
+            slope, p = dtest.fit.slope[i], dtest.fit.p_falling[i]
+            slope_txt = "" if np.isnan(slope) else f" slope {slope:.3g}/step, p={p:.2g}"
+            f.add_scatter(
+                x=steps,
+                y=np.where(seg, ld[:, i], np.nan),
+                mode="lines+markers",
+                line=dict(color=OUTCOME_COLOURS[outcome], width=1),
+                marker=dict(size=3),
+                name=outcome,
+                legendgroup=outcome,
+                showlegend=j == 0,
+                hovertemplate=f"feature {i} ({dtest.group[i]}): {outcome}{slope_txt}<br>step %{{x}}<br>log10 density %{{y:.2f}}<extra></extra>",
+            )
+    f.update_layout(xaxis_title="training step", yaxis_title="log10 density", **LAYOUT)
+    note = (
+        f"Up to {MAX_LINES} features per outcome, each over its current segment (since its last "
+        f"resampling). {html.escape(data.summary['dying_test']['verdict'])}"
+    )
+    return Panel("Dying test trajectories", f, note)
+
+
+def _hover_tokens(data: ReportData) -> np.ndarray:
+    """Per feature, its top 3 logit tokens ("" without logit weights), kept short: this text is
+    most of the page's weight at 16k features."""
+    if data.logits is None:
+        return np.full(data.n_features, "", dtype=object)
+    return np.array(
+        [
+            html.escape(" ".join(f"'{data.vocab[t]}'" for t in row[:3]), quote=False)
+            for row in data.logits.top_ids.tolist()
+        ],
+        dtype=object,
+    )
+
+
+def density_bias_de_3d(data: ReportData) -> Panel:
+    """The 3-D scatter of log10 density x encoder bias x D/E projection, coloured by class."""
+    import plotly.graph_objects as go
+
+    n = data.n_features
+    idx = np.arange(n)
+    if n > MAX_SCATTER:
+        idx = np.sort(np.random.default_rng(data.cfg.seed).choice(n, MAX_SCATTER, replace=False))
+    logd_plot, _ = _log_density_plot(data)
+    hover = _hover_tokens(data)
+    bias = data.geometry.encoder_bias.numpy().astype(np.float32)
+    de = data.geometry.de_projection.numpy().astype(np.float32)
+    f = go.Figure()
+    for c, name in enumerate(CLASSES):
+        sel = idx[data.classes[idx] == c]
+        if len(sel):
+            f.add_scatter3d(
+                x=logd_plot[sel],
+                y=bias[sel],
+                z=de[sel],
+                mode="markers",
+                name=name,
+                marker=dict(size=2, color=CLASS_COLOURS[name]),
+                text=hover[sel].tolist(),
+                customdata=sel.astype(np.int32),
+                hovertemplate="feature %{customdata}"
+                + ("<br>top tokens: %{text}" if data.logits is not None else "")
+                + "<br>log10 density %{x:.2f}<br>bias %{y:.3g}<br>D/E %{z:.3g}<extra></extra>",
+            )
+    f.update_layout(
+        scene=dict(
+            xaxis_title="log10 density", yaxis_title="encoder bias", zaxis_title="D/E projection"
+        ),
+        **{**LAYOUT, "height": 600},
+    )
+    note = "Drag to rotate. Dead features sit at the left wall."
+    if n > MAX_SCATTER:
+        note += f" A random {MAX_SCATTER} of {n} features."
+    return Panel("Log density × encoder bias × D/E projection", f, note)
+
+
+def _class_histogram(data: ReportData, values: np.ndarray, title: str, x_title: str) -> Panel:
+    """Overlaid histograms of `values` [F], one per class, normalised within the class."""
+    import plotly.graph_objects as go
+
+    f = go.Figure()
+    for c, name in enumerate(CLASSES):
+        sel = data.classes == c
+        if sel.any():
+            f.add_histogram(
+                x=values[sel],
+                name=f"{name} ({int(sel.sum())})",
+                marker_color=CLASS_COLOURS[name],
+                nbinsx=80,
+                histnorm="probability",
+            )
+    f.update_layout(
+        barmode="overlay", xaxis_title=x_title, yaxis_title="fraction of class", **LAYOUT
+    )
+    f.update_traces(opacity=0.7)
+    return Panel(title, f, "")
+
+
+def de_projection_by_class(data: ReportData) -> Panel:
+    de = data.geometry.de_projection.numpy().astype(np.float32)
+    return _class_histogram(data, de, "D/E projection per class", "D/E projection")
+
+
+def encoder_bias_by_class(data: ReportData) -> Panel:
+    bias = data.geometry.encoder_bias.numpy().astype(np.float32)
+    return _class_histogram(data, bias, "Encoder bias per class", "encoder bias")
+
+
+FIGURES: tuple[Callable[[ReportData], Panel | None], ...] = (
+    density_histogram,
+    density_heatmap,
+    rare_trajectories,
+    dying_trajectories,
+    density_bias_de_3d,
+    de_projection_by_class,
+    encoder_bias_by_class,
+)
+
+
+def panels(data: ReportData) -> list[Panel]:
+    """Every figure the data can draw, in page order."""
+    return [p for fig in FIGURES if (p := fig(data)) is not None]

@@ -1,0 +1,183 @@
+"""report.html: one self-contained page (plotly.js inlined once) assembled from the ReportData
+and the figures' panels: head, summary table, one section per panel, the chosen features."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+
+from .features import CLASSES
+from .figures import Panel
+from .report import ReportData
+
+CSS = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:20px auto;padding:0 12px;color:#222}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}
+.note{color:#555;font-size:90%}.warn{background:#fff3cd;padding:6px 10px;border-left:4px solid #e0a800}
+.err{color:#b00;white-space:pre-wrap}.tok{font-family:monospace;white-space:pre}mark{background:#ffd54f}
+.ctx{font-family:monospace;white-space:pre-wrap;font-size:90%}
+"""
+
+# Script errors and console.error calls are shown on the page: a broken plot must not fail
+# silently (and the browser test reads them from the DOM).
+ERROR_CATCHER = (
+    "<script>window.saekitErrors=[];function saekitShowErrors(){var d=document.getElementById('js-errors');"
+    "if(d){d.textContent=window.saekitErrors.join('\\n');}}"
+    "window.addEventListener('error',function(e){window.saekitErrors.push('error: '+e.message);saekitShowErrors();});"
+    "var saekitConsoleError=console.error;console.error=function(){window.saekitErrors.push('console.error: '+"
+    "Array.prototype.map.call(arguments,String).join(' '));saekitShowErrors();return saekitConsoleError.apply(console,arguments);};"
+    "</script>"
+)
+
+
+def head(title: str) -> str:
+    """<head> with the error catcher, the CSS and plotly.js (inlined: the page works offline),
+    and the start of <body>."""
+    from plotly.offline import get_plotlyjs
+
+    return "\n".join(
+        [
+            f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+            ERROR_CATCHER,
+            f"<style>{CSS}</style>",
+            f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>",
+        ]
+    )
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.2f}%"
+
+
+def _geometry_rows(g: dict) -> list[tuple[str, object]]:
+    rows: list[tuple[str, object]] = []
+    for name in ("ultra_rare", "live"):
+        v = g[name]["encoder_mean_cosine_to_mean_direction"]
+        rows.append(
+            (
+                f"{name}: mean cosine of encoder vectors to their mean direction",
+                "" if v is None else f"{v:.3f}",
+            )
+        )
+        if g[name].get("decoder_top10_neuron_mass") is not None:
+            rows.append(
+                (
+                    f"{name}: decoder mass in top 10 neurons / L1÷L2÷√d",
+                    f"{g[name]['decoder_top10_neuron_mass']:.3f} / {g[name]['decoder_l1_l2_ratio_over_sqrt_d']:.3f}",
+                )
+            )
+    return rows
+
+
+def summary_table(s: dict) -> str:
+    """The warnings, the dying test's verdict and the summary table."""
+    rows: list[tuple[str, object]] = [("features", s["n_features"])]
+    rows += [(f"{k}", f"{s['counts'][k]} ({_pct(s['fractions'][k])})") for k in CLASSES]
+    rows += [
+        ("held-out control group", s["held_out"]),
+        (
+            "thresholds",
+            f"dead: density ≤ {s['thresholds']['dead']:g}; ultra-rare: below {s['thresholds']['ultra_rare']:g}",
+        ),
+        (
+            "density measured on",
+            f"{s['density_source']} ({s['window']['tokens']} tokens; resolves densities ≥ {s['resolvable_threshold']:.3g})",
+        ),
+        ("L0", s["l0"]),
+        ("FVU", s["fvu"]),
+        ("L0/FVU from", s["l0_fvu_source"]),
+    ]
+    rows += _geometry_rows(s["geometry"])
+    dt = s["dying_test"]
+    if "counts" in dt:
+        rows.append(("dying test", dt["test"]))
+        rows += [
+            (f"dying test: {k}", f"{v} ({_pct(dt['fractions'][k])})")
+            for k, v in dt["counts"].items()
+        ]
+    li = s["logit_weights"]
+    if li.get("computed"):
+        rows.append(
+            (
+                "logit weights",
+                f"{li['recipe']} recipe, ln_final scale {li['ln_final_scale']:.4g} ({li['ln_final_scale_source']})",
+            )
+        )
+    body = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
+    )
+    warn = "".join(f"<p class='warn'>{html.escape(w)}</p>" for w in s["warnings"])
+    return f"<h2>Summary</h2>{warn}<p><b>Dying test:</b> {html.escape(dt['verdict'])}</p><table>{body}</table>"
+
+
+def panel_html(k: int, panel: Panel) -> str:
+    """A panel's heading, note and plot div (id plot-k; plotly.js comes from the head)."""
+    parts = [f"<h2>{html.escape(panel.title)}</h2>"]
+    if panel.note:
+        parts.append(f"<p class='note'>{panel.note}</p>")
+    parts.append(
+        panel.figure.to_html(
+            full_html=False,
+            include_plotlyjs=False,
+            div_id=f"plot-{k}",
+            config={"displaylogo": False},
+        )
+    )
+    return "\n".join(parts)
+
+
+def _logit_table(data: ReportData, i: int) -> str:
+    top = data.logits
+    assert top is not None
+    rows = []
+    for ids, vals, label in (
+        (top.top_ids[i], top.top_values[i], "top"),
+        (top.bottom_ids[i], top.bottom_values[i], "bottom"),
+    ):
+        cells = "".join(
+            f"<td><span class='tok'>{html.escape(repr(data.vocab[t]))}</span> {v:+.3f}</td>"
+            for t, v in zip(ids.tolist(), vals.tolist(), strict=True)
+        )
+        rows.append(f"<tr><th>{label}</th>{cells}</tr>")
+    return f"<table>{''.join(rows)}</table>"
+
+
+def chosen_features(data: ReportData) -> str:
+    """A section per chosen feature: its logit weights and top-activating contexts."""
+    out = ["<h2>Chosen features: logit weights and top-activating contexts</h2>"]
+    caveat = data.summary["logit_weights"].get("direct_path_caveat")
+    if caveat:
+        out.append(f"<p class='note'>{html.escape(caveat)}</p>")
+    if not data.chosen:
+        out.append("<p>No features to show.</p>")
+    for j, i in enumerate(data.chosen):
+        out.append(
+            f"<h3>feature {i}: {CLASSES[data.classes[i]]}, density {data.density[i]:.3g}</h3>"
+        )
+        if data.logits is not None:
+            out.append(_logit_table(data, i))
+        if data.contexts is not None and j < len(data.contexts):
+            items = [
+                f"<li class='ctx'>{c.activation:.3g}: {html.escape(c.before)}<mark>{html.escape(c.token)}</mark>{html.escape(c.after)}</li>"
+                for c in data.contexts[j]
+            ]
+            out.append(
+                "<ol>" + "".join(items) + "</ol>"
+                if items
+                else "<p class='note'>No activations in the measured rows.</p>"
+            )
+    return "\n".join(out)
+
+
+def render_page(data: ReportData, panels: Sequence[Panel]) -> str:
+    """The whole of report.html."""
+    parts = [
+        head("saekit diagnose report"),
+        "<pre id='js-errors' class='err'></pre>",
+        f"<h1>saekit diagnose: {html.escape(data.summary['run'])}</h1>",
+        summary_table(data.summary),
+    ]
+    parts += [panel_html(k, p) for k, p in enumerate(panels)]
+    parts.append(chosen_features(data))
+    parts.append("<script>saekitShowErrors();</script></body></html>")
+    return "\n".join(parts)
