@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -300,12 +300,10 @@ def check_cache_of_run(cache_dir: Path, manifest: dict, meta: dict, run_dir: Pat
         )
 
 
-def evaluate(cfg: EvaluateConfig) -> Evaluation:
-    """Write eval.json in the run dir (see the module docstring for every number) and print it."""
-    from ..activations.corpus import load_texts, tokenize_contexts
-    from ..activations.models import load_model
-    from ..activations.sites import DERIVED, harvest, resolve_hook
-    from ..sae.io import atomic_write_json, load_sae
+def _load_run(cfg: EvaluateConfig) -> tuple[Path, Any, dict]:
+    """The run dir, its SAE (eval mode, on cfg.device) and cfg.json's metadata, after checking
+    the flags and that the metadata names what evaluation needs."""
+    from ..sae.io import load_sae
 
     run_dir = Path(cfg.run)
     if not (run_dir / "cfg.json").is_file():
@@ -322,10 +320,12 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
             raise SaekitError(
                 f"{run_dir}/cfg.json metadata lacks {key}; re-save the run with saekit"
             )
-    dataset, split, col = _dataset_spec(meta.get("dataset"), cfg.dataset, cfg.split)
-    hook_name, site = meta["hook_name"], meta.get("site")
-    # The SAE saw BOS rows only if its cache kept them (runs before saekit 0.2 name their
-    # cache by path instead: read it from there).
+    return run_dir, sae, meta
+
+
+def _cache_kept_bos(run_dir: Path, meta: dict) -> bool:
+    """Whether the SAE saw BOS rows: only if its cache kept them (runs before saekit 0.2 name
+    their cache by path instead: read it from there, checking it is the run's)."""
     include_bos = bool(meta.get("include_bos", False))
     if meta.get("cache_dir") and (Path(meta["cache_dir"]) / "manifest.json").is_file():
         from ..activations.cache import _load_existing
@@ -333,8 +333,16 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
         manifest = _load_existing(Path(meta["cache_dir"])) or {}
         check_cache_of_run(Path(meta["cache_dir"]), manifest, meta, run_dir)
         include_bos = bool(manifest.get("include_bos"))
-    model = load_model(meta["model_name"], device=cfg.device)
-    model.eval()
+    return include_bos
+
+
+def _eval_tokens(
+    cfg: EvaluateConfig, model, meta: dict, run_dir: Path, dataset: str, split: str, col: str
+) -> Tensor:
+    """[n_ctx, context_size] token rows of the eval split: cfg.tokens rounded down to whole
+    contexts (at least one)."""
+    from ..activations.corpus import load_texts, tokenize_contexts
+
     ctx = int(meta["context_size"])
     if ctx > model.cfg.n_ctx:
         raise SaekitError(
@@ -342,22 +350,19 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
         )
     texts = load_texts(dataset, split=split, text_column=col)
     n_ctx = max(cfg.tokens // ctx, 1)
-    tokens = tokenize_contexts(texts, model.tokenizer, ctx, max_tokens=n_ctx * ctx)[:n_ctx]
-    bos = None if include_bos else model.tokenizer.bos_token_id
+    return tokenize_contexts(texts, model.tokenizer, ctx, max_tokens=n_ctx * ctx)[:n_ctx]
 
-    def sae_fn(x: Tensor) -> tuple[Tensor, Tensor]:
-        f = sae.encode(x.float())
-        return sae.decode(f), f
 
-    derived = site in DERIVED
-    metrics: dict = {
+def _header(meta: dict, dataset: str, split: str, derived: bool, include_bos: bool) -> dict:
+    """eval.json's description of what was measured, and the definitions of its numbers."""
+    return {
         "model": meta["model_name"],
-        "hook_name": hook_name,
-        "site": site,
+        "hook_name": meta["hook_name"],
+        "site": meta.get("site"),
         "layer": meta.get("layer"),
         "dataset": dataset,
         "split": split,
-        "context_size": ctx,
+        "context_size": int(meta["context_size"]),
         "spliced": not derived,
         "bos_positions": "included (the cache kept BOS rows)"
         if include_bos
@@ -368,26 +373,68 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
         "loss_recovered_definition": "(CE_ablated - CE_spliced) / (CE_ablated - CE_clean)",
         "kl_definition": "mean over tokens of KL(clean || spliced) of the next-token distribution",
     }
-    if not derived:
-        metrics.update(
-            splice_metrics(model, tokens, hook_name, sae_fn, cfg.batch_size, bos, cfg.device)
-        )
-    else:
-        s_ = resolve_hook(model, site, meta.get("layer"), None)
-        rec = _Recon()
-        with torch.no_grad():
-            for i in range(0, len(tokens), cfg.batch_size):
-                toks = tokens[i : i + cfg.batch_size].to(cfg.device)
-                keep = (toks != bos) if bos is not None else torch.ones_like(toks, dtype=torch.bool)
-                (x,) = harvest(model, toks, keep.reshape(-1).nonzero().squeeze(1), [s_])
-                rec.add(x, *sae_fn(x))
-        metrics.update(rec.result(), n_tokens=rec.n)
-        metrics["not_spliced_reason"] = (
+
+
+@torch.no_grad()
+def derived_site_metrics(
+    model,
+    tokens: Tensor,
+    meta: dict,
+    sae_fn: SAEFn,
+    batch_size: int,
+    bos_id: int | None,
+    device: str,
+) -> dict:
+    """Reconstruction metrics only, for a derived site (no hook to splice into): its activations
+    are derived from the model's as the cache derives them."""
+    from ..activations.sites import harvest, resolve_hook
+
+    site = meta.get("site")
+    s_ = resolve_hook(model, site, meta.get("layer"), None)
+    rec = _Recon()
+    for i in range(0, len(tokens), batch_size):
+        toks = tokens[i : i + batch_size].to(device)
+        keep = (toks != bos_id) if bos_id is not None else torch.ones_like(toks, dtype=torch.bool)
+        (x,) = harvest(model, toks, keep.reshape(-1).nonzero().squeeze(1), [s_])
+        rec.add(x, *sae_fn(x))
+    return {
+        **rec.result(),
+        "n_tokens": rec.n,
+        "not_spliced_reason": (
             f"site {site} is derived: the forward pass never computes it (it is mlp_out through "
             "ln_final's linear approximation and W_U), so a reconstruction of it has no hook to go "
             "into; CE, loss recovered and KL are not measured, only L0, MSE and FVU."
+        ),
+    }
+
+
+def evaluate(cfg: EvaluateConfig) -> Evaluation:
+    """Write eval.json in the run dir (see the module docstring for every number) and print it."""
+    from ..activations.models import load_model
+    from ..activations.sites import DERIVED
+    from ..sae.io import atomic_write_json
+
+    run_dir, sae, meta = _load_run(cfg)
+    dataset, split, col = _dataset_spec(meta.get("dataset"), cfg.dataset, cfg.split)
+    include_bos = _cache_kept_bos(run_dir, meta)
+    model = load_model(meta["model_name"], device=cfg.device)
+    model.eval()
+    tokens = _eval_tokens(cfg, model, meta, run_dir, dataset, split, col)
+    bos = None if include_bos else model.tokenizer.bos_token_id
+
+    def sae_fn(x: Tensor) -> tuple[Tensor, Tensor]:
+        f = sae.encode(x.float())
+        return sae.decode(f), f
+
+    derived = meta.get("site") in DERIVED
+    if derived:
+        m = derived_site_metrics(model, tokens, meta, sae_fn, cfg.batch_size, bos, cfg.device)
+    else:
+        m = splice_metrics(
+            model, tokens, meta["hook_name"], sae_fn, cfg.batch_size, bos, cfg.device
         )
-    metrics.update(feature_classes(run_dir))
+    header = _header(meta, dataset, split, derived, include_bos)
+    metrics = {**header, **m, **feature_classes(run_dir)}
     metrics = {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v)
         for k, v in metrics.items()
@@ -395,7 +442,7 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
     path = run_dir / "eval.json"
     atomic_write_json(path, metrics)
     print(
-        f"saekit evaluate: {metrics['model']} {hook_name}, {metrics['n_tokens']:,} tokens of {dataset}/{split}"
+        f"saekit evaluate: {metrics['model']} {meta['hook_name']}, {metrics['n_tokens']:,} tokens of {dataset}/{split}"
     )
     print_table(metrics)
     if derived:
