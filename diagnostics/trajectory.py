@@ -23,10 +23,18 @@ is maximised and profiled in one dimension, vectorised over features.
   dispersion). `falling`: one-sided signed-root likelihood-ratio test of b < 0. `settled`:
   both one-sided tests of |b| < band reject (TOST), i.e. the interval lies inside the band.
   Each family is Benjamini-Hochberg-controlled at alpha across the tested features. Otherwise
-  `unresolved`, as is any member with fewer than `min_firings` firings or `min_windows` windows
-  (too few to decide). Features that are not members: `not_tested`.
+  `unresolved` (neither; a significantly rising feature too), as is any member with fewer than
+  `min_firings` firings or `min_windows` windows (too few to decide; below 10 firings the
+  likelihood-ratio test loses its size). Features that are not members: `not_tested`. A feature
+  falling significantly but slower than the band is `falling`: its trend says how fast.
 - segments and burn-in: a feature's history starts at its last resampling (or the start of
   training); windows that start before that point plus `burn_in_tokens` are dropped.
+- membership must not look at the windows tested: a feature chosen for being rare or silent
+  in some windows is biased toward `falling`/`died` over those same windows. The control group
+  is tested from its hold-out on (`segment_starts(..., held_out=...)`), since it was chosen on
+  the dead window before it; "rare" members should be chosen on windows before their segment.
+- the baseline's own noise is not propagated (its relative standard error per window is
+  returned; with hundreds of live features it is ~1%, far below a rare feature's).
 
 The calibration (planted histories near the resolution floor) is in tests/test_trajectory.py
 and `python -m saekit.scripts.experiments.calibrate_trajectory`.
@@ -99,6 +107,7 @@ class Trajectory(NamedTuple):
     n_windows: np.ndarray  # [F] int: windows in the feature's history after burn-in
     used: np.ndarray  # [W, F] bool: the windows each feature's test used
     baseline: np.ndarray  # [W] the live baseline's relative rate (NaN: not estimated)
+    baseline_se: np.ndarray  # [W] its relative standard error (Poisson; NaN: no baseline)
     n_baseline: int  # live features in the baseline (0: no baseline, B = 1)
     dispersion_pool: float  # the members' pooled Pearson dispersion (1.0 when none was tested)
     window_tokens: np.ndarray  # [W]
@@ -107,12 +116,13 @@ class Trajectory(NamedTuple):
 
 
 def segment_starts(
-    window_tokens, window_end_step, resample_steps, resampled
+    window_tokens, window_end_step, resample_steps, resampled, held_out=None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(tokens seen at each window's end [W], each feature's segment start in tokens [F]) from a
     density history (training.run.History's tensors): the segment starts at the feature's last
-    resampling, 0 when never resampled. A held-out (control) feature's segment runs on through
-    its hold-out, which changes nothing in it."""
+    resampling, 0 when never resampled. With `held_out` [events, F], a held-out (control)
+    feature's segment starts at its hold-out instead: it was chosen for having no firings in
+    the dead window before that event, so those windows cannot be tested."""
     tok = np.asarray(window_tokens, dtype=np.int64)
     end_step = np.asarray(window_end_step, dtype=np.float64)
     seen = np.cumsum(tok)
@@ -126,6 +136,8 @@ def segment_starts(
     n_f = res.shape[1]
     if len(ev) == 0:
         return seen, np.zeros(n_f, dtype=np.float64)
+    if held_out is not None:
+        res = res | np.asarray(held_out, dtype=bool).reshape(res.shape)
     ev_tokens = np.interp(ev, np.r_[0.0, end_step], np.r_[0.0, seen.astype(np.float64)])
     start = np.where(res, ev_tokens[:, None], 0.0).max(0)
     return seen, start
@@ -146,25 +158,26 @@ def bh(p: np.ndarray) -> np.ndarray:
 
 def live_baseline(
     counts: np.ndarray, window_tokens: np.ndarray, live: np.ndarray, first: int
-) -> tuple[np.ndarray, int]:
+) -> tuple[np.ndarray, np.ndarray, int]:
     """The live features' common rate trend B [W] (NaN before window `first`): the mean over live
     features of each one's rate relative to its own mean rate over windows first.., so every
-    live feature weighs the same and dense ones do not dominate. Returns (B, features used)."""
+    live feature weighs the same and dense ones do not dominate. Returns (B, B's relative
+    standard error [W] under Poisson counts, features used)."""
     c = counts[first:, live].astype(np.float64)
     n = window_tokens[first:].astype(np.float64)
-    b = np.full(len(window_tokens), np.nan)
+    b, se = np.full(len(window_tokens), np.nan), np.full(len(window_tokens), np.nan)
     if n.sum() == 0:
-        return b, 0
+        return b, se, 0
     mean_rate = c.sum(0) / n.sum()
     keep = mean_rate > 0
     if not keep.any():
-        return b, 0
+        return b, se, 0
     rel = c[:, keep] / n[:, None] / mean_rate[keep]
     b[first:] = rel.mean(1)
-    return b, int(keep.sum())
-
-
-# ---- the test --------------------------------------------------------------------------------
+    k = int(keep.sum())
+    with np.errstate(divide="ignore"):
+        se[first:] = np.sqrt((1 / (n[:, None] * mean_rate[keep])).sum(1) / b[first:]) / k
+    return b, se, k
 
 
 def _check(counts, window_tokens, tokens_seen, segment_start, group) -> None:
@@ -223,9 +236,10 @@ def trajectory_test(
 
     live = (group == cfg.baseline_group) & (segment_start <= 0)
     first = int(np.searchsorted(w_start, cfg.burn_in_tokens))
-    base, n_base = live_baseline(counts, window_tokens, live, min(first, n_w))
+    base, base_se, n_base = live_baseline(counts, window_tokens, live, min(first, n_w))
     if n_base == 0 or not (base[first:] > 0).all():
         base, n_base = np.where(np.arange(n_w) >= first, 1.0, np.nan), 0
+        base_se = np.full(n_w, np.nan)
 
     members = (group != cfg.baseline_group) & (group != "")
     used &= members[None, :]
@@ -254,9 +268,12 @@ def trajectory_test(
     outcome[tested & (q_f <= cfg.alpha)] = "falling"
     outcome[tested & (q_d <= cfg.alpha)] = "died"
     return Trajectory(
-        outcome, group, res["trend"], res["lo"], res["hi"], res["pf"], res["ps"], res["pd"],
-        q_f, q_s, q_d, firings, density, res["exp"], shape, res["phi"], n_used, used, base,
-        n_base, pool, window_tokens, tokens_seen, cfg,
+        outcome=outcome, group=group, trend=res["trend"], trend_low=res["lo"],
+        trend_high=res["hi"], p_falling=res["pf"], p_settled=res["ps"], p_died=res["pd"],
+        q_falling=q_f, q_settled=q_s, q_died=q_d, firings=firings, density=density,
+        expected=res["exp"], shape=shape, dispersion=res["phi"], n_windows=n_used, used=used,
+        baseline=base, baseline_se=base_se, n_baseline=n_base, dispersion_pool=pool,
+        window_tokens=window_tokens, tokens_seen=tokens_seen, config=cfg,
     )  # fmt: skip
 
 
@@ -348,7 +365,12 @@ def summarize(t: Trajectory) -> dict:
     def counts_of(sel: np.ndarray) -> dict:
         n = int(sel.sum())
         cnt = {o: int((sel & (t.outcome == o)).sum()) for o in OUTCOMES}
-        return {"n": n, "counts": cnt, "fractions": {o: cnt[o] / n if n else None for o in cnt}}
+        return {
+            "n": n,
+            "n_tested": int((sel & np.isfinite(t.p_falling)).sum()),  # enough firings to test
+            "counts": cnt,
+            "fractions": {o: cnt[o] / n if n else None for o in cnt},
+        }
 
     groups = sorted({str(g) for g in t.group[members]})
     out = counts_of(members)
@@ -365,6 +387,7 @@ def summarize(t: Trajectory) -> dict:
         "group": cfg.baseline_group,
         "n_features": t.n_baseline,
         "trend_decades_per_1e7_tokens": _baseline_trend(t) if t.n_baseline else None,
+        "relative_se_max": float(np.nanmax(t.baseline_se)) if t.n_baseline else None,
     }
     out["windows"] = {
         "n": len(t.window_tokens),
@@ -400,7 +423,8 @@ def _verdict(s: dict, cfg: TrajectoryConfig) -> str:
         else "with no live baseline"
     )
     tally = (
-        f"of {n} features ({groups}) {base}, {c['falling']} are falling, {c['died']} died, "
+        f"of {n} features ({groups}; {s['n_tested']} with enough firings to test) {base}, "
+        f"{c['falling']} are falling, {c['died']} died, "
         f"{c['settled']} settled (trend within +-{cfg.band:g} decades per 1e7 tokens) and "
         f"{c['unresolved']} are unresolved (Benjamini-Hochberg at {cfg.alpha:g})"
     )

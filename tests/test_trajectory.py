@@ -8,6 +8,7 @@ simulation count.
 
 from __future__ import annotations
 
+import json
 import math
 import zlib
 
@@ -33,7 +34,7 @@ from saekit.scripts.experiments.calibrate_trajectory import (
 
 CFG = TrajectoryConfig()
 ALPHA = CFG.alpha
-CONSTANT = [s for s in SCENARIOS if s.startswith("constant")]
+CONSTANT = [s for s in SCENARIOS if s.startswith("constant")]  # the shared decline: below
 SHORT = [r for r, (tok, n) in REGIMES.items() if tok * n < 1e7]
 
 
@@ -43,9 +44,9 @@ def limit(n: int) -> float:
 
 
 def planted(scenario: str, regime: str, n: int = 4000, seed: int = 0):
-    rate, dispersion = SCENARIOS[scenario]
+    sc = SCENARIOS[scenario]
     tok, n_w = REGIMES[regime]
-    counts, wt, group = simulate(window_rates(rate, tok, n_w), tok, n, seed, dispersion)
+    counts, wt, group = simulate(window_rates(sc.rate, tok, n_w), tok, n, seed, sc.dispersion)
     return trajectory_test(counts, wt, group), group == "rare"
 
 
@@ -109,8 +110,8 @@ def test_shapes_are_told_apart_on_long_windows():
 
 def test_mixed_population_keeps_the_false_discoveries_down():
     tok, n_w = REGIMES["360k x 24"]
-    c0, wt, g0 = simulate(window_rates(SCENARIOS["constant 1e-5"][0], tok, n_w), tok, 3000, 1)
-    rate = SCENARIOS["exponential 1e-4 -> 1e-7"][0]
+    c0, wt, g0 = simulate(window_rates(SCENARIOS["constant 1e-5"].rate, tok, n_w), tok, 3000, 1)
+    rate = SCENARIOS["exponential 1e-4 -> 1e-7"].rate
     c1, _, _ = simulate(window_rates(rate, tok, n_w), tok, 3000, 2, n_live=0)
     counts = np.concatenate([c0, c1], 1)
     group = np.concatenate([g0, np.full(3000, "rare", dtype=object)])
@@ -191,6 +192,44 @@ def test_segment_starts_from_a_density_history():
     assert (start0 == 0).all() and (none == seen).all()
 
 
+def _control_group(dead: tuple[int, int]):
+    """Constant features at 3e-6 on 360k x 24; the control group are those with no firings in
+    the dead window (windows dead[0]..dead[1]-1), held out at the end of it, as the trainer
+    picks them. Returns (counts, tokens_seen, window_tokens, group, control, naive and hold-out
+    segment starts)."""
+    tok, n_w = REGIMES["360k x 24"]
+    counts, wt, group = simulate(np.full(n_w, 3e-6), tok, 20000, dead[0])
+    rare = group == "rare"
+    control = rare & (counts[dead[0] : dead[1]].sum(0) == 0)
+    group = np.where(control, "control", np.where(rare, "", group))
+    end_step = np.arange(1, n_w + 1) * 10
+    event = np.array([dead[1] * 10])
+    held = np.zeros((1, len(group)), dtype=bool)
+    held[0, control] = True
+    seen, naive = segment_starts(wt, end_step, event, np.zeros_like(held))
+    _, start = segment_starts(wt, end_step, event, np.zeros_like(held), held_out=held)
+    assert (start[control] == dead[1] * tok).all() and (naive == 0).all()
+    return counts, seen, wt, group, control, naive, start
+
+
+def test_the_control_group_is_tested_from_its_hold_out():
+    # Tested over the windows that chose them, constant features read as falling or dead.
+    counts, seen, wt, group, control, naive, start = _control_group((19, 22))
+    t = trajectory_test(counts, wt, group, tokens_seen=seen, segment_start=naive)
+    m = control & np.isfinite(t.p_falling)
+    assert np.mean((t.p_falling[m] <= ALPHA) | (t.p_died[m] <= ALPHA)) > 2 * limit(m.sum())
+    # From the hold-out on they are not (here two windows: too few to decide anything)...
+    t = trajectory_test(counts, wt, group, tokens_seen=seen, segment_start=start)
+    assert (t.outcome[control] == "unresolved").all()
+    # ...and with an earlier hold-out the test keeps its size on the windows after it.
+    counts, seen, wt, group, control, naive, start = _control_group((9, 12))
+    t = trajectory_test(counts, wt, group, tokens_seen=seen, segment_start=start)
+    m = control & np.isfinite(t.p_falling)
+    assert m.sum() >= 200 and (t.n_windows[control] == 11).all()  # 12 after it, 1 burnt in
+    assert np.mean(t.p_falling[m] <= ALPHA) <= limit(m.sum())
+    assert np.mean(t.p_died[m] <= ALPHA) <= limit(m.sum())
+
+
 def test_a_feature_that_stops_firing_died():
     tok, n_w = 65_536, 38
     rate = np.where(np.arange(n_w) < 19, 1e-4, 0.0)
@@ -238,6 +277,7 @@ def test_summary_and_verdict():
     counts, wt, group = simulate(np.full(n_w, 1e-6), tok, 400, 10)
     group[:100] = "control"
     s = summarize(trajectory_test(counts, wt, group))
+    json.dumps(s)  # goes into summary.json as it is
     assert s["n"] == 400 and s["by_group"]["control"]["n"] == 100
     assert s["by_group"]["rare"]["counts"]["unresolved"] == 300
     assert s["verdict"].startswith("Unresolved") and s["verdict"].count(". ") == 0
@@ -246,6 +286,7 @@ def test_summary_and_verdict():
         and abs(s["baseline"]["trend_decades_per_1e7_tokens"]) < 0.5
     )
     assert s["alpha"] == ALPHA and s["band_decades_per_1e7_tokens"] == CFG.band
+    assert 0 < s["baseline"]["relative_se_max"] < 0.02  # 300 live features, ~65 firings each
     assert set(s["counts"]) == set(OUTCOMES)
 
     t, _ = planted("exponential 1e-4 -> 1e-7", "1e7 x 50", n=200)

@@ -4,7 +4,8 @@
     python -m saekit.scripts.experiments.calibrate_trajectory --features 500   # quicker, coarser
 
 Each scenario plants `--features` member features with a known rate over training, beside 300
-live features at a constant 1e-3 (the baseline), simulates their firing counts per window
+live features at 1e-3 (the baseline; in one scenario everyone, live features included, declines
+by the same 1.5 decades over the run), simulates their firing counts per window
 (Poisson with the window's mean rate times its tokens; the overdispersed scenario draws
 gamma-Poisson counts with variance 4x the mean), runs the test with its defaults and prints, per
 scenario and window regime, the share of members called falling / settled / died / unresolved,
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -43,14 +45,22 @@ def _exponential(t: np.ndarray, run: float) -> np.ndarray:
     return 1e-4 * 10 ** (-3 * t / run)
 
 
-# name -> (rate(t tokens, run tokens) -> density, overdispersion: variance / mean)
-SCENARIOS: dict[str, tuple[Callable[[np.ndarray, float], np.ndarray], float]] = {
-    "constant 1e-5": (lambda t, run: np.full_like(t, 1e-5), 1.0),
-    "constant 1e-6": (lambda t, run: np.full_like(t, 1e-6), 1.0),
-    "constant 3e-7": (lambda t, run: np.full_like(t, 3e-7), 1.0),
-    "constant 1e-5, overdispersed x4": (lambda t, run: np.full_like(t, 1e-5), 4.0),
-    "exponential 1e-4 -> 1e-7": (_exponential, 1.0),
-    "hyperbolic 1e-4/(1+t/tau)": (_hyperbolic, 1.0),
+class Scenario(NamedTuple):
+    rate: Callable[[np.ndarray, float], np.ndarray]  # (t tokens, run tokens) -> member density
+    dispersion: float = 1.0  # variance / mean of the members' counts
+    common: Callable[[np.ndarray, float], np.ndarray] | None = None  # shared by live and members
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "constant 1e-5": Scenario(lambda t, run: np.full_like(t, 1e-5)),
+    "constant 1e-6": Scenario(lambda t, run: np.full_like(t, 1e-6)),
+    "constant 3e-7": Scenario(lambda t, run: np.full_like(t, 3e-7)),
+    "constant 1e-5, overdispersed x4": Scenario(lambda t, run: np.full_like(t, 1e-5), 4.0),
+    "1e-5 x everyone's decline (1.5 decades)": Scenario(
+        lambda t, run: np.full_like(t, 1e-5), common=lambda t, run: 10 ** (-1.5 * t / run)
+    ),
+    "exponential 1e-4 -> 1e-7": Scenario(_exponential),
+    "hyperbolic 1e-4/(1+t/tau)": Scenario(_hyperbolic),
 }
 
 
@@ -92,9 +102,11 @@ def run_scenario(scenario: str, regime: str, n_features: int, seed: int, config=
     """Simulate one scenario on one window regime and test it: outcome shares among members."""
     from saekit.diagnostics.trajectory import OUTCOMES, trajectory_test
 
-    rate, dispersion = SCENARIOS[scenario]
+    sc = SCENARIOS[scenario]
     tok, n_w = REGIMES[regime]
-    counts, wt, group = simulate(window_rates(rate, tok, n_w), tok, n_features, seed, dispersion)
+    common = None if sc.common is None else window_rates(sc.common, tok, n_w)
+    rates = window_rates(sc.rate, tok, n_w)
+    counts, wt, group = simulate(rates, tok, n_features, seed, sc.dispersion, common=common)
     t = trajectory_test(counts, wt, group, config=config)
     m = group == "rare"
     alpha = t.config.alpha
