@@ -43,7 +43,7 @@ and `python -m saekit.scripts.experiments.calibrate_trajectory`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -57,6 +57,9 @@ NOT_TESTED = "not_tested"
 SHAPES = ("constant", "exponential", "power")
 TIME_UNIT = 1e7  # tokens: trends are in decades per 1e7 tokens
 LN10 = math.log(10.0)
+# Power-law tau, as fractions of each feature's largest age (tokens since its segment start):
+# from nearly a pure power of age (0.01) to nearly exponential (10).
+TAU_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 TEST_NAME = (
     "quasi-Poisson log-linear trend of firing counts relative to the live baseline "
     "(signed-root likelihood ratio, TOST for settled, Benjamini-Hochberg per outcome)"
@@ -78,11 +81,10 @@ class TrajectoryConfig:
     min_firings: int = 10
     """members with fewer firings over their windows are `unresolved` without a test"""
     min_windows: int = 3
-    """members with fewer windows are `unresolved` without a test"""
+    """members with fewer windows are `unresolved` without a test (at least 3: the trend and the
+    dispersion need n - 2 >= 1 degrees of freedom)"""
     baseline_group: str = "live"
     """group label of the live baseline's features"""
-    tau_grid: tuple[float, ...] = field(default=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0))
-    """power-law tau, as fractions of each feature's largest age (tokens since its segment start)"""
 
 
 class Trajectory(NamedTuple):
@@ -196,6 +198,18 @@ def _check(counts, window_tokens, tokens_seen, segment_start, group) -> None:
         raise SaekitError("counts must be >= 0 and window_tokens > 0; pass a density history")
     if n_w > 1 and (np.diff(tokens_seen) <= 0).any():
         raise SaekitError("tokens_seen must increase from window to window; pass cumulative tokens")
+    if not (np.isfinite(tokens_seen).all() and np.isfinite(segment_start).all()):
+        raise SaekitError("tokens_seen and segment_start must be finite; pass token counts")
+
+
+def _check_config(cfg: TrajectoryConfig) -> None:
+    if not 0 < cfg.alpha < 0.5 or cfg.band <= 0:
+        raise SaekitError(f"alpha must be in (0, 0.5) and band > 0, got {cfg.alpha}, {cfg.band}")
+    if cfg.min_windows < 3 or cfg.min_firings < 1 or cfg.burn_in_tokens < 0:
+        raise SaekitError(
+            f"min_windows must be >= 3, min_firings >= 1 and burn_in_tokens >= 0, got "
+            f"{cfg.min_windows}, {cfg.min_firings}, {cfg.burn_in_tokens}"
+        )
 
 
 def trajectory_test(
@@ -227,8 +241,7 @@ def trajectory_test(
     )
     group = np.asarray(group).astype(str).astype(object)
     _check(counts, window_tokens, tokens_seen, segment_start, group)
-    if not 0 < cfg.alpha < 0.5 or cfg.band <= 0:
-        raise SaekitError(f"alpha must be in (0, 0.5) and band > 0, got {cfg.alpha}, {cfg.band}")
+    _check_config(cfg)
 
     w_start = tokens_seen - window_tokens
     mid = (tokens_seen - window_tokens / 2) / TIME_UNIT  # [W] in 1e7 tokens
@@ -253,7 +266,7 @@ def trajectory_test(
     nan = np.full(n_f, np.nan)
     res = {k: nan.copy() for k in ("trend", "lo", "hi", "pf", "ps", "pd", "exp", "phi")}
     shape = np.full(n_f, "", dtype=object)
-    tested = members & (firings >= cfg.min_firings) & (n_used >= max(cfg.min_windows, 3))
+    tested = members & (firings >= cfg.min_firings) & (n_used >= cfg.min_windows)
     idx = np.flatnonzero(tested)
     pool = 1.0
     if len(idx):
@@ -317,7 +330,7 @@ def _trend(res, shape, idx, counts, used, window_tokens, base, mid, segment_star
     age = np.where(u, mid[:, None] - segment_start[idx][None, :] / TIME_UNIT, 0.0)
     age_max = age.max(0)
     best, x2_best, b_prev = np.full(len(idx), -np.inf), np.zeros(len(idx)), fit.b
-    for g in sorted(cfg.tau_grid, reverse=True):  # from near-exponential, warm-started
+    for g in sorted(TAU_GRID, reverse=True):  # from near-exponential, warm-started
         xp, _ = scaled(np.log1p(age / (g * age_max)), u)
         pf = fit_slope(y, logw, xp, b_prev)
         b_prev = pf.b

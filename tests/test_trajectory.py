@@ -57,7 +57,7 @@ def share(t, m, outcome: str) -> float:
 @pytest.mark.parametrize("regime", list(REGIMES))
 @pytest.mark.parametrize("scenario", CONSTANT)
 def test_constant_features_are_not_called_falling_or_died(scenario, regime):
-    t, m = planted(scenario, regime, seed=zlib.crc32(f"{scenario}|{regime}".encode()))
+    t, m = planted(scenario, regime, n=10000, seed=zlib.crc32(f"{scenario}|{regime}".encode()))
     assert share(t, m, "falling") <= limit(m.sum())
     assert share(t, m, "died") <= limit(m.sum())
     # The p-values themselves, before Benjamini-Hochberg (which alone would hide a bad size).
@@ -358,3 +358,9 @@ def test_bad_inputs_are_refused():
         trajectory_test(counts - 1, np.ones(5), ["rare"] * 3)
     with pytest.raises(SaekitError, match="increase"):
         trajectory_test(counts, np.ones(5), ["rare"] * 3, tokens_seen=np.ones(5))
+    with pytest.raises(SaekitError, match="min_windows"):
+        trajectory_test(counts, np.ones(5), ["rare"] * 3, config=TrajectoryConfig(min_windows=2))
+    with pytest.raises(SaekitError, match="alpha"):
+        trajectory_test(counts, np.ones(5), ["rare"] * 3, config=TrajectoryConfig(alpha=0.5))
+    with pytest.raises(SaekitError, match="events"):
+        segment_starts(np.ones(5), np.arange(1, 6), np.array([2]), np.zeros(3, dtype=bool))
