@@ -24,15 +24,16 @@ is maximised and profiled in one dimension, vectorised over features.
   both one-sided tests of |b| < band reject (TOST), i.e. the interval lies inside the band.
   Each family is Benjamini-Hochberg-controlled at alpha across the tested features. Otherwise
   `unresolved` (neither; a significantly rising feature too), as is any member with fewer than
-  `min_firings` firings or `min_windows` windows (too few to decide; below 10 firings the
-  likelihood-ratio test loses its size). Features that are not members: `not_tested`. A feature
+  `min_firings` firings or `min_windows` windows (too few to decide; with fewer than ~5
+  firings the likelihood-ratio test loses its size, 10 leaves a margin). Features that are not members: `not_tested`. A feature
   falling significantly but slower than the band is `falling`: its trend says how fast.
 - segments and burn-in: a feature's history starts at its last resampling (or the start of
   training); windows that start before that point plus `burn_in_tokens` are dropped.
 - membership must not look at the windows tested: a feature chosen for being rare or silent
   in some windows is biased toward `falling`/`died` over those same windows. The control group
   is tested from its hold-out on (`segment_starts(..., held_out=...)`), since it was chosen on
-  the dead window before it; "rare" members should be chosen on windows before their segment.
+  the dead window before it; "rare" members should be chosen on windows the test does not see
+  (an earlier stretch, with segment_start moved past it).
 - the baseline's own noise is not propagated (its relative standard error per window is
   returned; with hundreds of live features it is ~1%, far below a rare feature's).
 
