@@ -202,7 +202,13 @@ _CFG_FIELDS: list[tuple[str, str, bool, Any, str]] = [
     ("metadata.", "layer", False, lambda v: v is None or _is_int(v), "an integer"),
     ("metadata.", "cache_dir", False, lambda v: v is None or isinstance(v, str), "a string"),
     ("metadata.", "cache", False, lambda v: v is None or isinstance(v, str), "a string"),
-    ("metadata.", "include_bos", False, lambda v: v is None or isinstance(v, bool), "true or false"),
+    (
+        "metadata.",
+        "include_bos",
+        False,
+        lambda v: v is None or isinstance(v, bool),
+        "true or false",
+    ),
     (
         "metadata.",
         "context_size",

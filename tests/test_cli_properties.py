@@ -620,7 +620,9 @@ def test_demo_failing_midway_leaves_out_as_it_was(world, tmp_path):
     from saekit.scripts.demo import DemoConfig, demo
 
     for out in (tmp_path / "fresh", world["empty"]):
-        with mock.patch("saekit.activations.cache.choose_contexts", side_effect=SaekitError("too few")):
+        with mock.patch(
+            "saekit.activations.cache.choose_contexts", side_effect=SaekitError("too few")
+        ):
             with pytest.raises(SaekitError):
                 demo(DemoConfig(out=str(out), tokens=10**9))
         assert snapshot(out) == (None if out.name == "fresh" else {})
