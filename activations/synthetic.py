@@ -1,0 +1,492 @@
+"""Synthetic activations whose features are known (issue 17): x = mu + sum_i a_i s_i f_i + noise.
+
+N_true unit directions f_i in R^d (N_true > d: superposition); s_i ~ Bernoulli(p_i) independently
+per row, except children, which fire only in rows where their parent fires (with a conditional
+probability); per-firing magnitudes a = scale_i (offset + mean Exp(1)) >= 0; a mean offset mu and
+Gaussian noise with per-dimension scales. The p_i follow a power law from p_max down to p_min,
+plus planted blocks at exact densities (1e-4 ... 1e-7); the artifact-control variant has no true
+feature below 1e-3, so any SAE feature rarer than 1e-5 is an artifact by construction.
+
+A batch is a pure function of (seed, batch index, batch size): resuming at batch i is exact and
+batches can be made in any order. It is drawn sparsely, O(B L0 d + N_true): each feature's firing
+count in the batch (binomial), then that many distinct rows, uniformly (so exactly Bernoulli(p_i)
+per row), then a scatter-add of magnitude x direction. No dense [B, N_true] pass: only features
+with p >= DENSE_P are drawn densely, where distinct sampling would cost more. A batch carries its
+exact active set (CSR), and `probes` makes rows with chosen features forced on (or off), which is
+how diagnostics/ground_truth.py scores a 1e-6 feature without 1e8 rows.
+
+Streams are numpy's PCG64 (and torch's generator for the noise), so the rows of a given seed are
+fixed for one numpy/torch version; a run dir records its dictionary (`save`), not its rows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..sae.errors import SaekitError
+from ..sae.io import atomic_save_safetensors, atomic_write_json, load_safetensors, sha256_file
+
+DENSE_P = 0.25  # features at least this frequent are drawn with a dense Bernoulli pass
+CONTROL_FLOOR = 1e-3  # artifact_control: no true feature is rarer than this
+TENSORS_FILE, JSON_FILE, FORMAT = "synthetic.safetensors", "synthetic.json", 1
+MEAN_NORM_ROWS = 65536
+_DICT, _ACTIVE, _PROBE, _SAMPLE, _NORM = range(5)  # independent random streams
+
+
+@dataclass
+class SyntheticConfig:
+    """A synthetic activation source: true features, their frequencies, magnitudes and noise."""
+
+    d_in: int = 64
+    """Width of the activations."""
+    n_features: int = 512
+    """Number of true features N_true, planted blocks and children included (> d_in: superposition)."""
+    p_max: float = 0.1
+    """Firing probability of the most frequent power-law feature."""
+    p_min: float = 1e-7
+    """Firing probability of the rarest power-law feature."""
+    tail_exponent: float = 0.0
+    """beta of the power law dN/dp ~ p^-(1+beta) that spaces the power-law features from p_max to p_min: 0 puts the same number in every decade (log-uniform, so every bin of the recovery curve gets as many); beta > 0 puts more at the rare end, where p_r ~ r^(-1/beta) (Zipf's law with exponent 1/beta)."""
+    planted: list[float] = field(default_factory=lambda: [1e-4, 1e-5, 1e-6, 1e-7])
+    """Firing probabilities of the planted blocks: features at exactly these densities."""
+    planted_per_block: int = 16
+    """Features in each planted block."""
+    n_parents: int = 0
+    """Parents: the n most frequent power-law features get children (0: no hierarchy)."""
+    children_per_parent: int = 2
+    """Children of each parent; a child fires only in rows where its parent fires."""
+    child_prob: float = 0.25
+    """P(child fires | parent fires), independently for each child."""
+    magnitude_offset: float = 0.5
+    """Each firing's magnitude is scale_i (offset + mean Exp(1)): the offset is the smallest."""
+    magnitude_mean: float = 1.0
+    """Mean of the exponential part of each firing's magnitude."""
+    magnitude_spread: float = 0.0
+    """sigma of the log-normal per-feature scale_i (0: every feature has scale 1)."""
+    max_cos: float | None = None
+    """Largest |cosine| between two true directions (None: independent random unit vectors); reached by pushing apart the pairs above it."""
+    offset_norm: float = 1.0
+    """Norm of the mean offset mu (a random direction)."""
+    noise_std: float = 0.05
+    """Geometric mean of the per-dimension standard deviations of the Gaussian noise."""
+    noise_ratio: float = 10.0
+    """Largest over smallest per-dimension noise scale (log-spaced, in random order; 1: isotropic)."""
+    variant: Literal["standard", "artifact_control"] = "standard"
+    """artifact_control: no true feature below 1e-3 (the power law stops there and the planted blocks' features join it), so every SAE feature rarer than 1e-5 is an artifact."""
+    seed: int = 0
+    """Seed of the dictionary and of every batch."""
+
+    @property
+    def n_planted(self) -> int:
+        return (
+            0 if self.variant == "artifact_control" else len(self.planted) * self.planted_per_block
+        )
+
+    @property
+    def n_power(self) -> int:
+        return self.n_features - self.n_planted - self.n_parents * self.children_per_parent
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "synthetic config") -> SyntheticConfig:
+        """The config from a mapping (a JSON/YAML spec); SaekitError on unknown fields or bad values."""
+        if not isinstance(d, dict):
+            raise SaekitError(f"{where} must be a mapping of field names to values")
+        d = {str(k).replace("-", "_"): v for k, v in d.items()}
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise SaekitError(f"{where}: unknown field(s) {unknown}; see SyntheticConfig")
+        cfg = cls(**d)
+        cfg.check(where)
+        return cfg
+
+    def check(self, where: str = "synthetic config") -> None:
+        """SaekitError naming the first bad field and what it must be."""
+        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+        prob = lambda v: num(v) and 0 < v < 1  # noqa: E731
+        rules: list[tuple[str, Any, str]] = [
+            ("d_in", lambda v: whole(v) and v >= 1, "an integer >= 1"),
+            *((n, whole, "an integer >= 0") for n in ("n_features", "planted_per_block",
+              "n_parents", "children_per_parent", "seed")),
+            ("p_max", prob, "in (0, 1)"),
+            ("p_min", lambda v: prob(v) and v <= self.p_max, "in (0, p_max]"),
+            ("tail_exponent", num, "a number"),
+            ("planted", lambda v: isinstance(v, list) and all(map(prob, v)), "a list of numbers in (0, 1)"),
+            ("child_prob", lambda v: num(v) and 0 < v <= 1, "in (0, 1]"),
+            *((n, lambda v: num(v) and v >= 0, "a number >= 0") for n in ("magnitude_offset",
+              "magnitude_mean", "magnitude_spread", "offset_norm", "noise_std")),
+            ("magnitude_mean", lambda v: v + self.magnitude_offset > 0, "> 0 when magnitude_offset is 0"),
+            ("noise_ratio", lambda v: num(v) and v >= 1, "a number >= 1 (1: isotropic noise)"),
+            ("max_cos", lambda v: v is None or prob(v), "in (0, 1) or null"),
+            ("variant", lambda v: v in ("standard", "artifact_control"), "standard or artifact_control"),
+            ("n_features", lambda v: self.n_power >= max(1, self.n_parents),
+             "large enough to leave a power-law feature for each parent after the planted blocks and children"),
+        ]  # fmt: skip
+        for name, ok, what in rules:
+            if not ok(getattr(self, name)):
+                raise SaekitError(f"{where}: {name} must be {what}, not {getattr(self, name)!r}")
+        if self.variant == "artifact_control":
+            if self.p_max <= CONTROL_FLOOR:
+                raise SaekitError(f"{where}: artifact_control needs p_max > {CONTROL_FLOOR}")
+            low = max(self.p_min, CONTROL_FLOOR)
+            power = _power_law(self.n_power, self.p_max, low, self.tail_exponent)
+            if self.n_parents and power[self.n_parents - 1] * self.child_prob < CONTROL_FLOOR:
+                raise SaekitError(f"{where}: artifact_control: a child would fire below "
+                                  f"{CONTROL_FLOOR}; raise child_prob or lower n_parents")  # fmt: skip
+
+
+def read_synthetic_config(path: str | Path) -> SyntheticConfig:
+    """A SyntheticConfig from a JSON or YAML file (the `--synthetic` spec)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SaekitError(f"synthetic config {path} does not exist; check the path")
+    try:
+        text = p.read_text()
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # JSON, YAML or UTF-8 errors
+        raise SaekitError(f"synthetic config {path} is not valid JSON/YAML ({e})") from None
+    return SyntheticConfig.from_dict(data, where=f"synthetic config {path}")
+
+
+def _power_law(n: int, p_max: float, p_min: float, beta: float) -> np.ndarray:
+    """n frequencies from p_max down to p_min at evenly spaced quantiles of dN/dp ~ p^-(1+beta)."""
+    u = np.linspace(0.0, 1.0, n)
+    if beta == 0:
+        return p_max * (p_min / p_max) ** u
+    a, b = p_max**-beta, p_min**-beta
+    return (a + u * (b - a)) ** (-1.0 / beta)
+
+
+def _spread_directions(D: Tensor, max_cos: float, iters: int = 3000) -> Tensor:
+    """Unit rows with every pairwise |cos| <= max_cos: gradient steps on the summed squared excess
+    over a slightly lower target, renormalising after each."""
+    n, d = D.shape
+    welch = math.sqrt(max(0.0, (n - d) / (d * max(n - 1, 1))))  # no n unit vectors do better
+    if max_cos <= welch:
+        raise SaekitError(f"max_cos {max_cos} is below the Welch bound {welch:.3f} for {n} "
+                          f"directions in {d} dimensions; raise it or lower n_features")  # fmt: skip
+    target = max_cos - 0.1 * (max_cos - welch)
+    for _ in range(iters):
+        G = (D @ D.T).fill_diagonal_(0)
+        if G.abs().max() <= max_cos:
+            return D
+        D = D - 0.5 * (G.sign() * (G.abs() - target).clamp_min(0)) @ D
+        D = D / D.norm(dim=1, keepdim=True)
+    raise SaekitError(
+        f"could not spread {n} directions in {d} dimensions to max |cos| {max_cos}; raise it"
+    )
+
+
+def _distinct(
+    rng: np.random.Generator, group: np.ndarray, high: np.ndarray, n_groups: int
+) -> np.ndarray:
+    """Sorted keys `value * n_groups + group`, one per entry of `group`, with values uniform in
+    [0, high[group]) and distinct within a group. Collisions are redrawn until none remain; the
+    procedure is symmetric in the values, so each group's set is a uniformly random subset."""
+    keys = np.sort(rng.integers(0, high[group]) * n_groups + group)
+    while len(dup := np.flatnonzero(keys[1:] == keys[:-1]) + 1):
+        g = keys[dup] % n_groups
+        keys = np.sort(
+            np.concatenate([np.delete(keys, dup), rng.integers(0, high[g]) * n_groups + g])
+        )
+    return keys
+
+
+class ActiveSet(NamedTuple):
+    """The exact active set of each row, as CSR: row r's features are feature[row_ptr[r]:row_ptr[r+1]]."""
+
+    row_ptr: Tensor  # [B + 1] int64
+    feature: Tensor  # [nnz] int64, ascending within a row
+    magnitude: Tensor  # [nnz] float32, a >= 0
+
+    def rows(self) -> Tensor:
+        """[nnz] int64: the row of each entry."""
+        return torch.repeat_interleave(torch.arange(len(self.row_ptr) - 1), self.row_ptr.diff())
+
+    def counts(self, n_true: int) -> Tensor:
+        """[n_true] int64: in how many rows each true feature fired."""
+        return torch.bincount(self.feature, minlength=n_true)
+
+
+class SyntheticBatch(NamedTuple):
+    x: Tensor  # [B, d_in] float32
+    active: ActiveSet
+
+
+class Probes(NamedTuple):
+    batch: SyntheticBatch
+    target: Tensor  # [rows] int64: the true feature forced on (or off) in each row
+
+
+# The ground truth: name -> (shape in N_true "N" and d_in "d", dtype).
+_TRUTH = {"directions": ("Nd", torch.float32), "p": ("N", torch.float64), "parent": ("N", torch.int64),
+          "child_prob": ("N", torch.float64), "scale": ("N", torch.float32), "mu": ("d", torch.float32),
+          "noise_scale": ("d", torch.float32)}  # fmt: skip
+
+
+class SyntheticSource:
+    """The generator: the ground truth of a SyntheticConfig and its batches. Feature order: the
+    power law (descending p), the planted blocks, the children. Everything is on the CPU: move
+    batches to the training device."""
+
+    directions: Tensor  # [N_true, d_in] float32: unit rows f_i
+    p: Tensor  # [N_true] float64: marginal firing probabilities
+    parent: Tensor  # [N_true] int64: -1, or the parent a child fires only with (one level)
+    child_prob: Tensor  # [N_true] float64: P(fires | parent fires); 1 for roots
+    scale: Tensor  # [N_true] float32: per-feature magnitude scale
+    mu: Tensor  # [d_in] float32: mean offset
+    noise_scale: Tensor  # [d_in] float32: per-dimension noise standard deviation
+
+    def __init__(self, cfg: SyntheticConfig):
+        cfg.check()
+        gen = torch.Generator().manual_seed(
+            int(np.random.default_rng([cfg.seed, _DICT]).integers(2**62))
+        )
+        low = max(cfg.p_min, CONTROL_FLOOR) if cfg.variant == "artifact_control" else cfg.p_min
+        power = _power_law(cfg.n_power, cfg.p_max, low, cfg.tail_exponent)
+        planted = np.repeat(np.asarray(cfg.planted, dtype=np.float64), cfg.planted_per_block)
+        par = np.repeat(np.arange(cfg.n_parents), cfg.children_per_parent)
+        p = np.concatenate([power, planted[: cfg.n_planted], power[par] * cfg.child_prob])
+        parent = np.concatenate([np.full(len(p) - len(par), -1), par]).astype(np.int64)
+        D = torch.randn(len(p), cfg.d_in, generator=gen, dtype=torch.float64)
+        D /= D.norm(dim=1, keepdim=True)
+        if cfg.max_cos is not None:
+            D = _spread_directions(D, cfg.max_cos)
+        mu = torch.randn(cfg.d_in, generator=gen, dtype=torch.float64)
+        half = 0.5 * math.log10(cfg.noise_ratio)
+        noise = cfg.noise_std * torch.logspace(-half, half, cfg.d_in, dtype=torch.float64)
+        t = {"directions": D, "p": torch.from_numpy(p), "parent": torch.from_numpy(parent),
+             "child_prob": torch.from_numpy(np.where(parent >= 0, cfg.child_prob, 1.0)),
+             "scale": torch.exp(cfg.magnitude_spread * torch.randn(len(p), generator=gen, dtype=torch.float64)),
+             "mu": mu * (cfg.offset_norm / mu.norm()),
+             "noise_scale": noise[torch.randperm(cfg.d_in, generator=gen)]}  # fmt: skip
+        self._set(cfg, {k: v.to(_TRUTH[k][1]) for k, v in t.items()})
+
+    def _set(self, cfg: SyntheticConfig, t: dict[str, Tensor]) -> None:
+        self.cfg, self.d_in, self.n_true = cfg, cfg.d_in, len(t["p"])
+        for k in _TRUTH:
+            setattr(self, k, t[k])
+        p, parent = self.p.numpy(), self.parent.numpy()
+        root = parent < 0
+        if not root[parent[~root]].all():
+            raise SaekitError(
+                "synthetic source: a child's parent is a child; one level is supported"
+            )
+        self._p_sparse = np.where(root & (p < DENSE_P), p, 0.0)
+        self._dense = np.flatnonzero(root & (p >= DENSE_P))
+        self._child = np.flatnonzero(~root)
+        self._child_parent = parent[self._child]
+        self._is_parent = np.zeros(self.n_true, dtype=bool)
+        self._is_parent[self._child_parent] = True
+        self._mean_norm: float | None = None
+
+    def _rng(self, *key: int) -> np.random.Generator:
+        return np.random.default_rng([self.cfg.seed, *key])
+
+    # -- drawing --
+    def _draw_keys(self, rng: np.random.Generator, B: int, forced: np.ndarray | None) -> np.ndarray:
+        """Sorted unique keys row * N + feature of the active set of B rows; `forced`: keys that
+        must be on (parents included), unioned in so that the other rows stay Bernoulli."""
+        N = self.n_true
+        keys = _distinct(
+            rng, np.repeat(np.arange(N), rng.binomial(B, self._p_sparse)), np.full(N, B), N
+        )
+        if len(self._dense):
+            r, c = np.nonzero(rng.random((B, len(self._dense))) < self.p.numpy()[self._dense])
+            keys = np.sort(np.concatenate([keys, r * N + self._dense[c]]))
+        if forced is not None:
+            keys = np.union1d(keys, forced[self.parent.numpy()[forced % N] < 0])
+        if len(self._child):
+            keys = np.sort(np.concatenate([keys, self._child_keys(rng, keys)]))
+        return keys if forced is None else np.union1d(keys, forced)
+
+    def _child_keys(self, rng: np.random.Generator, keys: np.ndarray) -> np.ndarray:
+        """Each child fires in a uniformly random Binomial(k_parent, q) subset of its parent's rows."""
+        N, nc = self.n_true, len(self._child)
+        pk = keys[self._is_parent[keys % N]]
+        order = np.argsort(pk % N, kind="stable")  # parent-major; rows stay ascending in a parent
+        seg_rows = (pk // N)[order]
+        k_par = np.bincount(pk % N, minlength=N)
+        start = np.concatenate([[0], np.cumsum(k_par)])
+        kc = k_par[self._child_parent]
+        m = rng.binomial(kc, self.child_prob.numpy()[self._child])
+        ck = _distinct(rng, np.repeat(np.arange(nc), m), kc, nc)
+        c = ck % nc
+        return seg_rows[start[self._child_parent[c]] + ck // nc] * N + self._child[c]
+
+    def _make(
+        self,
+        rng: np.random.Generator,
+        B: int,
+        forced: np.ndarray | None = None,
+        with_x: bool = True,
+    ) -> SyntheticBatch:
+        noise_seed = int(rng.integers(2**62))  # drawn first, so that active() and batch() agree
+        keys = self._draw_keys(rng, B, forced)
+        rows, feat = keys // self.n_true, torch.from_numpy(keys % self.n_true)
+        mag = rng.standard_exponential(len(keys), dtype=np.float32)
+        mag = torch.from_numpy(
+            mag * np.float32(self.cfg.magnitude_mean) + np.float32(self.cfg.magnitude_offset)
+        )
+        row_ptr = np.zeros(B + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=B), out=row_ptr[1:])
+        active = ActiveSet(torch.from_numpy(row_ptr), feat, mag.mul_(self.scale[feat]))
+        if not with_x:
+            return SyntheticBatch(None, active)  # type: ignore[arg-type]
+        # Each row's sum of magnitude x direction is one bag of an embedding_bag: no [nnz, d] temporary.
+        x = F.embedding_bag(feat, self.directions, active.row_ptr, mode="sum",
+                            per_sample_weights=active.magnitude, include_last_offset=True)  # fmt: skip
+        z = self._z(noise_seed, B)
+        return SyntheticBatch(x.add_(torch.addcmul(self.mu, z, self.noise_scale)), active)
+
+    def _z(self, noise_seed: int, B: int) -> Tensor:
+        """Standard normal [B, d_in]; the noise is z * noise_scale."""
+        return torch.randn(B, self.d_in, generator=torch.Generator().manual_seed(noise_seed))
+
+    @staticmethod
+    def _check(i: int, rows: int) -> None:
+        if i < 0 or rows < 1:
+            raise SaekitError(f"batch {i} of {rows} rows: need a batch index >= 0 and rows >= 1")
+
+    # -- the stream --
+    def batch(self, i: int, batch_size: int) -> SyntheticBatch:
+        """Batch i: rows and their exact active sets, a pure function of (seed, i, batch_size)."""
+        self._check(i, batch_size)
+        return self._make(self._rng(_ACTIVE, i, batch_size), batch_size)
+
+    def active(self, i: int, batch_size: int) -> ActiveSet:
+        """Batch i's active sets (equal to `batch(i, batch_size).active`), without building x."""
+        self._check(i, batch_size)
+        return self._make(self._rng(_ACTIVE, i, batch_size), batch_size, with_x=False).active
+
+    def noise(self, i: int, batch_size: int) -> Tensor:
+        """Batch i's noise: x = mu + noise + the sum over its active set of magnitude x direction."""
+        self._check(i, batch_size)
+        z = self._z(int(self._rng(_ACTIVE, i, batch_size).integers(2**62)), batch_size)
+        return z.mul_(self.noise_scale)
+
+    def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[Tensor]:
+        """x of batches start_batch, start_batch + 1, ... forever (what a trainer consumes)."""
+        for i in itertools.count(start_batch):
+            yield self.batch(i, batch_size).x
+
+    def sample(self, n_rows: int, seed: int) -> Tensor:
+        """[n_rows, d_in] rows from a stream of their own (the geometric median, resampling)."""
+        return self.sample_batch(n_rows, seed).x
+
+    def sample_batch(self, n_rows: int, seed: int) -> SyntheticBatch:
+        """`sample`'s rows with their active sets: ordinary rows apart from the training stream."""
+        self._check(0, n_rows)
+        return self._make(self._rng(_SAMPLE, seed, n_rows), n_rows)
+
+    def probes(self, feature_ids: Tensor | list[int], n: int, seed: int, on: bool = True) -> Probes:
+        """n rows per true feature in `feature_ids` (in blocks, in that order) with the feature
+        forced on: a child's parent with it, and everything else drawn as usual given that. With
+        `on=False`, forced off: ordinary rows where it fired are dropped (exact conditioning), so a
+        block may hold fewer than n rows."""
+        ids = torch.as_tensor(feature_ids, dtype=torch.int64).reshape(-1).numpy()
+        if n < 1 or (len(ids) and (ids.min() < 0 or ids.max() >= self.n_true)):
+            raise SaekitError(f"probes: feature ids must be in [0, {self.n_true}) and n >= 1")
+        B, N = len(ids) * n, self.n_true
+        target = np.repeat(ids, n)
+        rng = self._rng(_PROBE, seed, int(on), n)
+        own = np.arange(B) * N + target
+        if on:
+            par = self.parent.numpy()[target]
+            forced = np.concatenate([own, (np.arange(B) * N + par)[par >= 0]])
+            return Probes(self._make(rng, B, forced), torch.from_numpy(target))
+        b = self._make(rng, B)
+        keep = np.flatnonzero(~np.isin(own, b.active.rows().numpy() * N + b.active.feature.numpy()))
+        return Probes(_select_rows(b, torch.from_numpy(keep)), torch.from_numpy(target[keep]))
+
+    # -- summaries and the file --
+    @property
+    def mean_norm(self) -> float:
+        """Mean L2 norm of x on a fixed sample of MEAN_NORM_ROWS rows (as a cache's stats.mean_norm)."""
+        if self._mean_norm is None:
+            x = self._make(self._rng(_NORM), MEAN_NORM_ROWS).x
+            self._mean_norm = float(x.norm(dim=1).mean())
+        return self._mean_norm
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able description for run metadata."""
+        return {"source": "synthetic", "format": FORMAT, "config": self.cfg.to_dict(),
+                "n_true": self.n_true, "d_in": self.d_in, "expected_l0": float(self.p.sum()),
+                "p_max": float(self.p.max()), "p_min": float(self.p.min()), "mean_norm": self.mean_norm}  # fmt: skip
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The ground truth, as saved."""
+        return {k: getattr(self, k) for k in _TRUTH}
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Write run_dir/synthetic.safetensors (the ground truth), then synthetic.json (the spec,
+        its config included, and the tensors' sha256), both atomically. Returns the JSON's path."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        sha = atomic_save_safetensors(run_dir / TENSORS_FILE, self.tensors())
+        meta = {"format": FORMAT, "tensors": TENSORS_FILE, "sha256": sha, "spec": self.spec()}
+        atomic_write_json(run_dir / JSON_FILE, meta)
+        return run_dir / JSON_FILE
+
+    @classmethod
+    def load(cls, path: str | Path) -> SyntheticSource:
+        """The source `save` wrote (a run dir or its synthetic.json), verified (checksum, tensor
+        names, shapes, dtypes). The saved ground truth is used as it is, not regenerated."""
+        path = Path(path)
+        jpath = path / JSON_FILE if path.is_dir() else path
+        if not jpath.is_file():
+            raise SaekitError(f"{jpath} does not exist; the run has no synthetic ground truth")
+        try:
+            meta = json.loads(jpath.read_text())
+            fmt, tpath, sha = meta["format"], jpath.parent / meta["tensors"], meta["sha256"]
+            cfg = SyntheticConfig.from_dict(meta["spec"]["config"], where=str(jpath))
+        except (ValueError, KeyError, TypeError) as e:
+            raise SaekitError(
+                f"{jpath} is not a synthetic ground-truth file ({e}); re-save it"
+            ) from None
+        if fmt != FORMAT:
+            raise SaekitError(f"{jpath} has format {fmt}; this saekit reads {FORMAT}: re-save it")
+        if not tpath.is_file() or sha256_file(tpath) != sha:
+            raise SaekitError(
+                f"{tpath} is missing or does not match its checksum in {jpath}; re-save it"
+            )
+        t = load_safetensors(tpath)
+        dims = {"N": cfg.n_features, "d": cfg.d_in}
+        for name, (shape, dtype) in _TRUTH.items():
+            want = tuple(dims[c] for c in shape)
+            if name not in t or tuple(t[name].shape) != want or t[name].dtype != dtype:
+                raise SaekitError(f"{tpath}: {name} is missing or not {dtype} {want}; re-save it")
+        src = cls.__new__(cls)
+        src._set(cfg, t)
+        return src
+
+
+def _select_rows(b: SyntheticBatch, keep: Tensor) -> SyntheticBatch:
+    """Rows `keep` (ascending) of a batch, with their active sets."""
+    per_row = b.active.row_ptr.diff()
+    entries = torch.repeat_interleave(
+        torch.zeros(len(per_row), dtype=torch.bool).index_fill_(0, keep, True), per_row
+    )
+    row_ptr = F.pad(torch.cumsum(per_row[keep], 0), (1, 0))
+    return SyntheticBatch(
+        b.x[keep], ActiveSet(row_ptr, b.active.feature[entries], b.active.magnitude[entries])
+    )
