@@ -1,5 +1,6 @@
-"""The synthetic activation source (activations/synthetic.py): frequencies, exact active sets,
-determinism, probes, the file."""
+"""The synthetic activation source (activations/synthetic.py) and scoring against its ground truth
+(diagnostics/ground_truth.py): frequencies, exact active sets, determinism, probes, the file, and
+planted, random and duplicated SAEs scored."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from saekit.activations.synthetic import (
     SyntheticSource,
     read_synthetic_config,
 )
+from saekit.diagnostics.ground_truth import ScoreConfig, match_features, score
 from saekit.sae.errors import SaekitError
+from saekit.sae.model import SAE, SAEConfig
 
 
 def _on(active, n_true: int) -> torch.Tensor:
@@ -228,3 +231,176 @@ def test_config_file_and_bad_values(tmp_path):
                        ({"max_cos": 1.5}, "max_cos"), ({"d_in": 2.5}, "d_in")):  # fmt: skip
         with pytest.raises(SaekitError, match=match):
             SyntheticConfig.from_dict(bad)
+
+
+# -- scoring against ground truth --
+def _planted_sae(
+    src: SyntheticSource, bias: float, arch: str = "relu_l1"
+) -> tuple[SAE, torch.Tensor]:
+    """An SAE whose decoder is the true dictionary (rows permuted) and encoder its transpose."""
+    perm = torch.randperm(src.n_true, generator=torch.Generator().manual_seed(3))
+    sae = SAE(SAEConfig(arch, src.d_in, src.n_true, k=4))
+    with torch.no_grad():
+        sae.W_dec.copy_(src.directions[perm])
+        sae.W_enc.copy_(src.directions[perm].T)
+        sae.b_enc.fill_(bias)
+        sae.b_dec.copy_(src.mu)
+    return sae, perm
+
+
+def _counts(rate: torch.Tensor, tokens: int, seed: int = 0) -> torch.Tensor:
+    return torch.poisson(rate * tokens, generator=torch.Generator().manual_seed(seed)).long()
+
+
+FAST = ScoreConfig(n_probes=128, n_ordinary=32768)
+
+
+@pytest.fixture(scope="module")
+def separated() -> SyntheticSource:
+    # Near-orthogonal directions and constant magnitudes: the planted SAE never fires wrongly.
+    cfg = SyntheticConfig(d_in=64, n_features=48, planted_per_block=4, max_cos=0.05, p_max=0.05,
+                          magnitude_offset=1.0, magnitude_mean=0.0, noise_std=0.01, seed=4)  # fmt: skip
+    return SyntheticSource(cfg)
+
+
+@pytest.mark.parametrize("arch", ["relu_l1", "topk"])
+def test_planted_sae_recovers_everything_and_its_rare_features_are_real(separated, arch):
+    sae, perm = _planted_sae(separated, bias=-0.5, arch=arch)
+    T = 10**10  # a long window: density 1e-7 is ~1000 firings
+    res = score(sae, separated, _counts(separated.p[perm], T), T, FAST)
+    s = res.summary()
+    assert s["matching"]["n_matched"] == 48 and torch.equal(res.matching.true_of, perm)
+    assert all(b["recall"] == 1.0 for b in s["recovery_curve"])
+    assert sum(b["n_true"] for b in s["recovery_curve"]) == 48
+    rare = s["rare"]
+    # Every SAE feature below 1e-5 (its true feature's p, up to Poisson noise at the 1e-5 block)
+    # is its true feature, and is found real.
+    n_rare = (res.density < 1e-5).sum().item()
+    assert (separated.p < 1e-5).sum() <= n_rare <= (separated.p <= 1e-5).sum()
+    assert rare["live"]["n"] == n_rare and rare["live"]["real_rare"] == n_rare
+    assert rare["share_real"] == 1.0 and rare["dead"]["n"] == 0 and rare["resolved"]
+    assert (res.recall_lo > 0.95).all() and res.fp_is_bound[res.density < 1e-5].all()
+    # The planted blocks sit in their decade's bin: 1e-4 opens [1e-4, 1e-3).
+    b = next(b for b in s["recovery_curve"] if b["p_lo"] == pytest.approx(1e-4))
+    assert (
+        b["n_true"]
+        == 4 + ((separated.p >= 1e-4) & (separated.p < 1e-3) & (separated.p != 1e-4)).sum()
+    )
+    cols = res.columns()
+    assert all(len(v) == 48 for v in cols.values()) and cols["gt_true_feature"] == perm.tolist()
+    json.dumps(s), json.dumps(cols)
+
+
+def test_planted_sae_in_superposition_matches_all_but_is_not_precise():
+    # 96 features in 32 dimensions: the same planted SAE fires on interference too (fp ~1%), so for
+    # rare true features its false positives swamp them: with counts drawn from its real firing
+    # rates, those SAE features are not even rare, and their precision is near 0.
+    src = SyntheticSource(SyntheticConfig(d_in=32, n_features=96, planted_per_block=4, max_cos=0.35,
+                                          noise_std=0.01, p_max=0.05, seed=4))  # fmt: skip
+    sae, perm = _planted_sae(src, bias=-0.4)
+    res0 = score(sae, src, _counts(src.p[perm], 10**10), 10**10, FAST)
+    rate = src.p[perm] * res0.recall + (1 - src.p[perm]) * res0.fp
+    T = 10**9
+    res = score(sae, src, _counts(rate, T), T, FAST)
+    s = res.summary()
+    assert s["matching"]["n_matched"] == 96 and s["rare"]["live"]["artifact"] == 0
+    assert s["rare"]["live"]["absorbed"] == 0
+    rare_true = src.p[perm] < 1e-5
+    assert (res.recall[rare_true] > 0.9).all() and (res.fp[rare_true] > 1e-3).all()
+    assert (res.precision_hi[rare_true] < 0.05).all()
+    assert not (res.density[rare_true] < 1e-5).any() and s["rare"]["live"]["n"] == 0
+
+
+def test_random_sae_scores_nothing(separated):
+    sae = SAE(SAEConfig("relu_l1", 64, 256), seed=1)
+    T = 10**8
+    counts = torch.zeros(256, dtype=torch.int64)
+    counts[:100] = 50  # density 5e-7: rare
+    s = score(sae, separated, counts, T, FAST).summary()
+    assert s["matching"]["n_matched"] == 0
+    assert all(b["recall"] == 0 for b in s["recovery_curve"])
+    assert s["rare"]["live"]["artifact"] == 100 and s["rare"]["share_real"] == 0
+    assert s["rare"]["dead"]["artifact"] == 156
+
+
+def test_duplicates_and_frequent_matches_are_absorbed(separated):
+    sae, perm = _planted_sae(separated, bias=-0.5)
+    p = separated.p[perm]
+    rare_j = torch.nonzero(p < 1e-5).squeeze(1)[:3]
+    freq_j = torch.nonzero(p > 1e-2).squeeze(1)[:2]
+    copies = torch.cat([rare_j, freq_j])
+    big = SAE(SAEConfig("relu_l1", 64, 48 + len(copies)))
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        noise = 0.02 * torch.randn(len(copies), 64, generator=g)  # cos ~0.99 with the original
+        W = torch.cat([sae.W_dec, sae.W_dec[copies] + noise])
+        big.W_dec.copy_(W / W.norm(dim=1, keepdim=True))
+        big.W_enc.copy_(big.W_dec.T)
+        big.b_enc.fill_(-0.5)
+        big.b_dec.copy_(separated.mu)
+    T = 10**10
+    counts = torch.cat([_counts(p, T), torch.full((len(copies),), 100)])  # the copies: 1e-8
+    res = score(big, separated, counts, T, FAST)
+    lab = res.label[48:]
+    assert lab == ["absorbed"] * 5
+    assert res.duplicate[48:].all() and not res.duplicate[:48].any()
+    assert (res.matching.true_of[48:] == -1).all()
+    # A frequent true feature's own SAE feature, if rare, is absorbed too (not a duplicate).
+    counts2 = _counts(p, T)
+    counts2[freq_j] = 10
+    res2 = score(sae, separated, counts2, T, FAST)
+    assert [res2.label[j] for j in freq_j] == ["absorbed"] * 2 and not res2.duplicate.any()
+
+
+def test_imprecise_and_unresolved_rare_features(separated):
+    sae, perm = _planted_sae(separated, bias=-0.5)
+    p = separated.p[perm]
+    T = 10**9
+    counts = _counts(p, T)
+    # j1: matched to a 1e-7 feature but the run saw it fire at 5e-6: at most ~2% of its firings
+    # can be its feature's. Too rare for the ordinary rows to see (fp is a bound), the density says it.
+    j1 = int(torch.nonzero(p == 1e-7)[0])
+    counts[j1] = 5000
+    # j2: fires on every row now (fp = 1) but was rare in the run: the estimates disagree.
+    j2 = int(torch.nonzero(p == 1e-6)[0])
+    with torch.no_grad():
+        sae.b_enc[j2] = 5.0
+    res = score(sae, separated, counts, T, FAST)
+    assert res.fp_is_bound[j1] and res.precision_density[j1] == pytest.approx(0.02, rel=0.1)
+    assert res.label[j1] == "imprecise" and res.precision_hi[j1] < 0.03
+    assert res.fp[j2] == 1.0 and res.precision_lo[j2] > res.precision_hi[j2]
+    assert res.label[j2] == "unresolved"
+    real = [j for j in range(48) if p[j] < 1e-5 and j not in (j1, j2)]
+    assert all(res.label[j] == "real_rare" for j in real)
+    # A short window (1e5 rows: 1 firing at the 1e-5 threshold) does not resolve rare from dead,
+    # and a 1e-6 or 1e-7 feature there is unresolved, whatever it fired.
+    short = score(_planted_sae(separated, bias=-0.5)[0], separated, _counts(p, 10**5), 10**5, FAST)
+    assert not short.summary()["rare"]["resolved"]
+    rare = [j for j in range(48) if p[j] <= 1e-6 and short.density[j] < 1e-5]
+    assert len(rare) >= 10 and all(short.label[j] == "unresolved" for j in rare)
+
+
+def test_hungarian_beats_greedy_and_says_which():
+    # Greedy takes (j0, t0) at 0.99 and leaves j1 without a partner; the unique assignment with
+    # the most above-threshold cosine pairs j0-t1 (0.95) and j1-t0 (0.96).
+    ang = lambda deg: torch.tensor([math.cos(math.radians(deg)), math.sin(math.radians(deg))])  # noqa: E731
+    t0, t1 = ang(0), ang(math.degrees(math.acos(0.99)) + math.degrees(math.acos(0.95)))
+    j0, j1 = ang(math.degrees(math.acos(0.99))), ang(-math.degrees(math.acos(0.96)))
+    true, dec = torch.stack([t0, t1]), torch.stack([j0, j1])
+    h = match_features(dec, true, 0.9, "hungarian")
+    g = match_features(dec, true, 0.9, "greedy")
+    assert h.method == "hungarian" and h.true_of.tolist() == [1, 0]
+    assert g.method == "greedy" and g.true_of.tolist() == [0, -1]
+    assert match_features(dec, true, 0.9).method == "hungarian"
+    assert h.cos.tolist() == pytest.approx([0.95, 0.96], abs=1e-5)
+    with pytest.raises(SaekitError, match="greedy"):
+        match_features(dec, true, 0.9, "best")
+
+
+def test_score_checks_its_inputs(separated):
+    sae, _ = _planted_sae(separated, bias=-0.5)
+    with pytest.raises(SaekitError, match="counts"):
+        score(sae, separated, torch.zeros(3, dtype=torch.int64), 100, FAST)
+    other = SAE(SAEConfig("relu_l1", 8, 48))
+    with pytest.raises(SaekitError, match="d_in"):
+        score(other, separated, torch.zeros(48, dtype=torch.int64), 100, FAST)
