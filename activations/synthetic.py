@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -408,7 +409,9 @@ class SyntheticSource:
             raise SaekitError(f"probes: feature ids must be in [0, {self.n_true}) and n >= 1")
         B, N = len(ids) * n, self.n_true
         target = np.repeat(ids, n)
-        rng = self._rng(_PROBE, seed, int(on), n)
+        rng = self._rng(
+            _PROBE, seed, int(on), n, zlib.crc32(ids.tobytes())
+        )  # other ids: other rows
         own = np.arange(B) * N + target
         if on:
             par = self.parent.numpy()[target]

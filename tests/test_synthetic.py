@@ -188,6 +188,7 @@ def test_probes_force_features_on_and_off(small):
     on = _on(pr.batch.active, small.n_true)
     assert len(pr.target) == 1500 and on[torch.arange(1500), pr.target].all()
     assert on[500:1000, small.parent[child]].all()  # a forced child brings its parent
+    assert torch.equal(small.probes(ids, 500, seed=3).batch.x, pr.batch.x)  # deterministic
     # The other features stay ordinary: feature 1 (p 0.1 here) fires at its rate in feature 0's block.
     k = on[:500, 1].sum().item()
     assert (
