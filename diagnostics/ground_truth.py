@@ -292,6 +292,14 @@ def score(
     """Score `sae` against `source`'s true features. `counts` [d_sae]: firings of each SAE feature
     over `tokens` rows of the run (e.g. its last density window); `sae` as in `measure_firing`."""
     cfg = cfg or ScoreConfig()
+    if not (0 < cfg.cos_threshold <= 1 and 0 < cfg.alpha < 1 and 0 < cfg.min_precision <= 1):
+        raise SaekitError(
+            "score: need 0 < cos_threshold <= 1, 0 < alpha < 1, 0 < min_precision <= 1"
+        )
+    if min(cfg.n_probes, cfg.n_ordinary, cfg.bins_per_decade, cfg.batch_rows) < 1:
+        raise SaekitError(
+            "score: n_probes, n_ordinary, bins_per_decade and batch_rows must be >= 1"
+        )
     d_sae = sae.W_dec.shape[0]
     counts = torch.as_tensor(counts, dtype=torch.int64).cpu()
     if counts.shape != (d_sae,) or tokens < 1 or (counts < 0).any():

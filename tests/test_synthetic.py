@@ -402,6 +402,8 @@ def test_score_checks_its_inputs(separated):
     sae, _ = _planted_sae(separated, bias=-0.5)
     with pytest.raises(SaekitError, match="counts"):
         score(sae, separated, torch.zeros(3, dtype=torch.int64), 100, FAST)
+    with pytest.raises(SaekitError, match="n_probes"):
+        score(sae, separated, torch.zeros(48, dtype=torch.int64), 100, ScoreConfig(n_probes=0))
     other = SAE(SAEConfig("relu_l1", 8, 48))
     with pytest.raises(SaekitError, match="d_in"):
         score(other, separated, torch.zeros(48, dtype=torch.int64), 100, FAST)
