@@ -52,7 +52,7 @@ def test_wheel_holds_only_saekit_and_survives_pypi_scripts(tmp_path):
     py, exe = venv / "bin" / "python", venv / "bin" / "saekit"
     pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     subprocess.run([*pip, "--no-deps", str(wheel)], check=True, capture_output=True)
-    r = subprocess.run([*pip, "--no-deps", "scripts"], capture_output=True, text=True)
+    r = subprocess.run([*pip, "scripts"], capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"PyPI's `scripts` could not be installed here: {r.stderr.strip()[-200:]}")
     cwd = tmp_path  # not the checkout: nothing of the repo on sys.path
