@@ -30,7 +30,8 @@ __all__ = ["__version__", "cache", "train", "evaluate", "diagnose", "load_cache"
 
 def cache(**config: Any) -> Cache:
     """Harvest activations into a cache dir (`saekit cache`): `out=` and any CacheConfig field."""
-    from .activations.cache import CacheConfig, build_cache
+    from .activations.cache import build_cache
+    from .activations.cache_config import CacheConfig
 
     return build_cache(CacheConfig(**config))
 

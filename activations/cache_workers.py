@@ -23,28 +23,29 @@ import torch
 
 from ..sae.errors import SaekitError
 from ..sae.io import atomic_write_json
-from .cache import (
+from .cache_config import (
+    CacheConfig,
+    cache_settings,
+    check_config,
+    check_out,
+    choose_contexts,
+    clear_dir,
+    keep_mask,
+    load_cacheable_model,
+    shard_rows,
+)
+from .cache_files import write_safetensors
+from .cache_format import (
     CHECKSUM,
     CONTEXTS,
     DTYPES,
     FORMAT_VERSION,
     MANIFEST,
-    CacheConfig,
-    CacheJob,
-    _check_config,
-    _check_out,
-    _clear,
-    _keep_mask,
-    _load_existing,
-    _new_manifest,
-    _read_verified,
-    _settings,
-    _SiteWriter,
-    _write_safetensors,
-    choose_contexts,
-    load_cacheable_model,
-    run_cache,
+    load_raw_manifest,
+    new_manifest,
+    read_verified,
 )
+from .cache_writer import CacheJob, SiteWriter, run_cache
 
 # Settings that may differ between a worker's manifest and the merged one.
 WORKER_KEYS = ("worker", "target_tokens", "contexts", "n_tokens", "stats", "shards", "complete")
@@ -74,7 +75,7 @@ def build_cache_worker(cfg: CacheConfig, index: int, count: int) -> Path:
     from .sites import resolve_sites
 
     t0 = time.perf_counter()
-    _check_config(cfg)
+    check_config(cfg)
     if cfg.device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per worker
         cfg = dataclasses.replace(cfg, device=f"cuda:{os.environ['LOCAL_RANK']}")
     if cfg.resume:
@@ -88,7 +89,7 @@ def build_cache_worker(cfg: CacheConfig, index: int, count: int) -> Path:
         raise SaekitError(
             f"--out {cfg.out} already holds a cache; pass --overwrite or choose another --out"
         )
-    _check_out(out, cfg)
+    check_out(out, cfg)
     model = load_cacheable_model(cfg)
     tok = model.tokenizer
     sites = resolve_sites(model, cfg.site, cfg.layer, cfg.hook)
@@ -97,12 +98,10 @@ def build_cache_worker(cfg: CacheConfig, index: int, count: int) -> Path:
             "several workers cache one site at a time; run one `saekit cache --num-workers` per --site"
         )
     site = sites[0]
-    itemsize = torch.empty((), dtype=DTYPES[cfg.dtype]).element_size()
-    shard_rows = max(1, int(cfg.shard_mb * 2**20 / (site.d_in * itemsize)))
-    settings = _settings(cfg, site, model_spec(model), tok, shard_rows)
+    settings = cache_settings(cfg, site, model_spec(model), tok, shard_rows(cfg, site.d_in))
 
     ids, ctx = choose_contexts(cfg, tok)  # the single-process contexts, in the same order
-    keep = _keep_mask(ctx, tok.bos_token_id, cfg.include_bos)
+    keep = keep_mask(ctx, tok.bos_token_id, cfg.include_bos)
     rows = keep.sum(1)
     rows[-1] -= int(rows.sum()) - cfg.tokens  # one process cuts the last context at --tokens
     mine = torch.arange(len(ids)) % count == index
@@ -113,15 +112,15 @@ def build_cache_worker(cfg: CacheConfig, index: int, count: int) -> Path:
         )
 
     if cfg.overwrite and out.is_dir():
-        _clear(out)
+        clear_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     contexts = {"context": ids[mine].contiguous(), "tokens": ctx[mine].to(torch.int32)}
-    nbytes, sha = _write_safetensors(out / CONTEXTS, contexts)
+    nbytes, sha = write_safetensors(out / CONTEXTS, contexts)
     entry = {"file": CONTEXTS, "n_contexts": int(mine.sum()), "bytes": nbytes, CHECKSUM: sha}
-    m = _new_manifest({**settings, "target_tokens": target}, entry, site)
+    m = new_manifest({**settings, "target_tokens": target}, entry, site.site)
     m["worker"] = {"index": index, "count": count, "total_tokens": cfg.tokens}
     atomic_write_json(out / MANIFEST, m)
-    writer = _SiteWriter(site, out, m, DTYPES[cfg.dtype], target)
+    writer = SiteWriter(site, out, m, DTYPES[cfg.dtype], target)
     job_cfg = dataclasses.replace(cfg, out=out, tokens=target)
     run_cache(CacheJob(job_cfg, model, sites, [writer], ids[mine], ctx[mine], keep[mine]))
     print(
@@ -129,7 +128,7 @@ def build_cache_worker(cfg: CacheConfig, index: int, count: int) -> Path:
         f"in {time.perf_counter() - t0:.1f}s -> {out}",
         file=sys.stderr,
     )
-    done = [_load_existing(worker_dir(cfg.out, i)) for i in range(count)]
+    done = [load_raw_manifest(worker_dir(cfg.out, i)) for i in range(count)]
     if all(d is not None and d.get("complete") for d in done):
         merge_cache(MergeConfig(out=Path(cfg.out)))
     return out
@@ -145,7 +144,7 @@ class MergeConfig:
 
 def _checked_worker_manifest(path: Path) -> dict:
     """A worker's manifest, refused in one line if it lacks the fields a merge reads."""
-    m = _load_existing(path)
+    m = load_raw_manifest(path)
     ok = isinstance(m, dict)
     w = m.get("worker") if ok else None
     ok = ok and isinstance(w, dict)
@@ -204,9 +203,9 @@ def merge_cache(cfg: MergeConfig) -> Path:
             f"the workers in {out} hold {rows:,} rows, not the {total:,} asked for; recache them"
         )
     # Contexts in merged row order: worker 0's, then worker 1's, ...
-    ctx = [_read_verified(worker_dir(out, i) / CONTEXTS, m["contexts"]) for i, m in enumerate(ms)]
+    ctx = [read_verified(worker_dir(out, i) / CONTEXTS, m["contexts"]) for i, m in enumerate(ms)]
     contexts = {k: torch.cat([c[k] for c in ctx]) for k in ("context", "tokens")}
-    nbytes, sha = _write_safetensors(out / CONTEXTS, contexts)
+    nbytes, sha = write_safetensors(out / CONTEXTS, contexts)
     norm_sum = sum(s["norm_sum"] for s in shards)
     merged = {k: v for k, v in first.items() if k != "worker"}
     merged.update(

@@ -57,7 +57,7 @@ def measure_on_cache(
 ) -> tuple[dict, FreshDensity, CacheRows | None]:
     """Fresh density on the last `n_rows` rows of the cache (top `k` rows kept for the `track`ed
     features), plus where every measured row came from (for showing contexts)."""
-    from ..activations.cache import CacheReader
+    from ..activations.cache_reader import CacheReader
 
     cache_dir = Path(cache_dir)
     reader = CacheReader(cache_dir, batch_size=1)

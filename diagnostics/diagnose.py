@@ -56,7 +56,7 @@ def load_inputs(cfg: DiagnoseConfig) -> RunInputs:
     if bad:
         raise SaekitError(f"--features {bad[0]} is out of range; the SAE has {d_sae} features")
     if cfg.cache is not None:
-        from ..activations.cache import read_manifest
+        from ..activations.cache_format import read_manifest
         from .evaluate import check_cache_of_run
 
         check_cache_of_run(Path(cfg.cache), read_manifest(cfg.cache), meta, run)

@@ -328,9 +328,9 @@ def _cache_kept_bos(run_dir: Path, meta: dict) -> bool:
     their cache by path instead: read it from there, checking it is the run's)."""
     include_bos = bool(meta.get("include_bos", False))
     if meta.get("cache_dir") and (Path(meta["cache_dir"]) / "manifest.json").is_file():
-        from ..activations.cache import _load_existing
+        from ..activations.cache_format import load_raw_manifest
 
-        manifest = _load_existing(Path(meta["cache_dir"])) or {}
+        manifest = load_raw_manifest(Path(meta["cache_dir"])) or {}
         check_cache_of_run(Path(meta["cache_dir"]), manifest, meta, run_dir)
         include_bos = bool(manifest.get("include_bos"))
     return include_bos

@@ -31,7 +31,7 @@ from ..sae.errors import SaekitError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "cache": (
         "harvest activations into a verified, resumable on-disk cache",
-        "saekit.activations.cache:CacheConfig",
+        "saekit.activations.cache_config:CacheConfig",
         "saekit.activations.cache:build_cache",
     ),
     "cache-merge": (

@@ -106,7 +106,8 @@ def _train_config(cfg: DemoConfig, cache: Path, run: Path):
 
 
 def _pipeline(cfg: DemoConfig, out: Path) -> DemoResult:
-    from ..activations.cache import CacheConfig, build_cache
+    from ..activations.cache import build_cache
+    from ..activations.cache_config import CacheConfig
     from ..diagnostics.diagnose import DiagnoseConfig, diagnose
     from ..diagnostics.evaluate import EvaluateConfig, evaluate
     from ..training.trainer import train

@@ -19,7 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saekit.activations.cache import CacheConfig, CacheReader, build_cache, read_manifest
+from saekit.activations.cache import build_cache
+from saekit.activations.cache_config import CacheConfig
+from saekit.activations.cache_format import read_manifest
+from saekit.activations.cache_reader import CacheReader
 from saekit.activations.corpus import load_texts, tokenize_contexts
 from saekit.activations.models import load_model
 from saekit.sae.errors import SaekitError
@@ -262,14 +265,14 @@ def test_closing_batches_joins_the_reader_thread(resid_cache):
 def test_nan_shard_is_refused(resid_cache, tmp_path):
     import shutil
 
-    from saekit.activations.cache import _write_safetensors
+    from saekit.activations.cache_files import write_safetensors
 
     d = tmp_path / "c"
     shutil.copytree(resid_cache, d)
     m = json.loads((d / "manifest.json").read_text())
     t = load_file(str(d / "shard-00002.safetensors"))
     t["activations"][5, 3] = float("nan")
-    nbytes, sha = _write_safetensors(
+    nbytes, sha = write_safetensors(
         d / "shard-00002.safetensors", t
     )  # a valid file with a valid hash
     m["shards"][2].update(bytes=nbytes, xxh3_128=sha)

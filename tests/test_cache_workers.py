@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 
-from saekit.activations.cache import CacheConfig, CacheReader, build_cache
+from saekit.activations.cache import build_cache
+from saekit.activations.cache_config import CacheConfig
+from saekit.activations.cache_reader import CacheReader
 from saekit.activations.cache_workers import MergeConfig, merge_cache
 from saekit.sae.errors import SaekitError
 

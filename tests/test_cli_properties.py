@@ -200,7 +200,8 @@ def some_bad(tab: dict[str, st.SearchStrategy]) -> st.SearchStrategy:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
-    from saekit.activations.cache import CacheConfig, build_cache
+    from saekit.activations.cache import build_cache
+    from saekit.activations.cache_config import CacheConfig
     from saekit.training.config import TrainConfig
     from saekit.training.trainer import train
 
@@ -309,7 +310,8 @@ def test_cache_bad_combinations_are_refused(world, case):
 
 def test_cache_more_tokens_than_the_corpus_is_refused_before_writing(world):
     """Not refusable before tokenising (the corpus must be counted): so unpatched, and slow."""
-    from saekit.activations.cache import CacheConfig, build_cache
+    from saekit.activations.cache import build_cache
+    from saekit.activations.cache_config import CacheConfig
     from saekit.sae.errors import SaekitError
 
     with scratch() as d:
@@ -621,7 +623,7 @@ def test_demo_failing_midway_leaves_out_as_it_was(world, tmp_path):
 
     for out in (tmp_path / "fresh", world["empty"]):
         with mock.patch(
-            "saekit.activations.cache.choose_contexts", side_effect=SaekitError("too few")
+            "saekit.activations.cache_writer.choose_contexts", side_effect=SaekitError("too few")
         ):
             with pytest.raises(SaekitError):
                 demo(DemoConfig(out=str(out), tokens=10**9))

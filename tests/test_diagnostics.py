@@ -361,7 +361,7 @@ def write_cache(
     cache: Path, acts: torch.Tensor, tokens: torch.Tensor, hook: str, shard_rows: int
 ) -> None:
     """A cache dir in the documented format (manifest + verified shards) with planted rows."""
-    from saekit.activations.cache import write_cache as write
+    from saekit.activations.cache_files import write_cache as write
 
     rows = torch.arange(len(acts))
     shards = [

@@ -37,7 +37,8 @@ def cache(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("cache") / "mlp_post"
     if _default_model_available():
-        from saekit.activations.cache import CacheConfig, build_cache
+        from saekit.activations.cache import build_cache
+        from saekit.activations.cache_config import CacheConfig
 
         return build_cache(CacheConfig(out=out, model="default", site="mlp_post", tokens=50_000))
     return write_synthetic_cache(out, n_rows=50_000)

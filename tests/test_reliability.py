@@ -384,7 +384,8 @@ SMALL_TRAIN = ["--features", "64", "--batch-size", "128", "--steps", "40", "--ch
 
 @pytest.fixture(scope="module")
 def small_cache(tmp_path_factory) -> Path:
-    from saekit.activations.cache import CacheConfig, build_cache
+    from saekit.activations.cache import build_cache
+    from saekit.activations.cache_config import CacheConfig
 
     out = tmp_path_factory.mktemp("small") / "cache"
     return build_cache(
@@ -640,7 +641,8 @@ def test_bad_checkpoint_is_refused_by_resume(
 
 
 def test_resume_on_another_cache_is_refused(small_cache, interrupted_run, tmp_path, capsys):
-    from saekit.activations.cache import CacheConfig, build_cache
+    from saekit.activations.cache import build_cache
+    from saekit.activations.cache_config import CacheConfig
 
     other = build_cache(CacheConfig(out=tmp_path / "other", tokens=3000, context_size=64,
                                     batch_size=8, shard_mb=0.25, seed=1))  # fmt: skip
@@ -686,7 +688,8 @@ def other_model_cache(tmp_path_factory) -> Path:
     d_mlp 512, the default model's tokenizer): only the model tells them apart."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from saekit.activations.cache import CacheConfig, build_cache
+    from saekit.activations.cache import build_cache
+    from saekit.activations.cache_config import CacheConfig
     from saekit.activations.models import default_tokenizer
 
     base = tmp_path_factory.mktemp("othermodel")

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saekit.activations.cache import write_cache
+from saekit.activations.cache_files import write_cache
 from saekit.sae.errors import SaekitError
 from saekit.training.config import TrainConfig
 from saekit.training.trainer import _event_seed, train
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def write_synthetic_cache(out: Path, n_rows=100_000, d_in=512, n_true=1024, shard_rows=25_000,
                           seed=0, complete=True, nan_shard=None) -> Path:  # fmt: skip
-    """A cache in activations/cache.py's format holding sparse sums of random unit directions."""
+    """A cache in activations/cache_format.py's format holding sparse sums of random unit directions."""
     g = torch.Generator().manual_seed(seed)
     D = torch.randn(n_true, d_in, generator=g)
     D /= D.norm(dim=1, keepdim=True)
@@ -59,7 +59,8 @@ def cache(tmp_path_factory) -> Path:
     """100k tokens of the default model's mlp_post (synthetic stand-in if the model is missing)."""
     out = tmp_path_factory.mktemp("cache") / "mlp_post"
     if _default_model_available():
-        from saekit.activations.cache import CacheConfig, build_cache
+        from saekit.activations.cache import build_cache
+        from saekit.activations.cache_config import CacheConfig
 
         return build_cache(CacheConfig(out=out, model="default", site="mlp_post", tokens=100_000))
     return write_synthetic_cache(out)
@@ -82,7 +83,7 @@ RESAMPLE = dict(resample="anthropic", resample_steps=[20, 40], dead_window=10,
 
 
 def test_resampling_with_holdout(cache, tmp_path):
-    from saekit.activations.cache import CacheReader
+    from saekit.activations.cache_reader import CacheReader
 
     # An aggressive learning rate kills many features early, so resampling has work to do.
     manifest = json.loads((cache / "manifest.json").read_text())
@@ -198,7 +199,7 @@ def test_kill_and_resume_is_bitwise_identical(cache, tmp_path):
 @pytest.mark.parametrize("arch", ["relu_l1_v2", "topk"])
 def test_other_archs_train_and_load_in_saelens(cache, tmp_path, arch):
     sae_lens = pytest.importorskip("sae_lens")
-    from saekit.activations.cache import CacheReader
+    from saekit.activations.cache_reader import CacheReader
 
     run = train(_cfg(cache, tmp_path / "run", arch=arch, steps=30, k=16))
     lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]

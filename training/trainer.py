@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..activations.cache import entry_checksum
+from ..activations.cache_format import entry_checksum
 from ..sae.errors import SaekitError, check_device
 from ..sae.io import (
     SAEKIT_FILE,
@@ -471,7 +471,7 @@ def _prepare_out(cfg: TrainConfig) -> tuple[Path, Path | None, bool]:
 
 def train(cfg: TrainConfig) -> Path:
     """Train an SAE on `cfg.cache` and write the run dir `cfg.out`; returns its path."""
-    from ..activations.cache import read_manifest
+    from ..activations.cache_format import read_manifest
 
     if not Path(cfg.cache).is_dir():
         raise SaekitError(f"--cache {cfg.cache} is not a directory; build one with `saekit cache`")
@@ -506,7 +506,7 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def _train(cfg, res, manifest, out, ckpt, world, device_name, wandb) -> Path:
-    from ..activations.cache import CacheReader
+    from ..activations.cache_reader import CacheReader
 
     if device_name != cfg.device:
         cfg = dataclasses.replace(cfg, device=device_name)

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from saekit.activations.cache import CacheConfig, keep_freed_memory, prepare_cache, run_cache
+from saekit.activations.cache_config import CacheConfig
+from saekit.activations.cache_writer import keep_freed_memory, prepare_cache, run_cache
 from saekit.activations.corpus import load_texts
 from saekit.activations.sites import harvest_flat
 

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-from saekit.activations.cache import CacheReader, read_manifest, write_cache
+from saekit.activations.cache_files import write_cache
+from saekit.activations.cache_format import read_manifest
+from saekit.activations.cache_reader import CacheReader
 from saekit.sae.model import SAE, StepOutput
 from saekit.training.config import TrainConfig
 from saekit.training.trainer import Trainer, _manifest_info
@@ -39,7 +41,7 @@ D_IN, BATCH = 512, 4096
 def write_synthetic_cache(
     out: Path, n_rows: int = 65_536, shard_rows: int = 8192, seed: int = 0
 ) -> Path:
-    """A cache in activations/cache.py's format: sparse non-negative sums of random directions."""
+    """A cache in activations/cache_format.py's format: sparse non-negative sums of random directions."""
     g = torch.Generator().manual_seed(seed)
     D = torch.randn(2048, D_IN, generator=g)
     D /= D.norm(dim=1, keepdim=True)

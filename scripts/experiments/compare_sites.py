@@ -115,7 +115,8 @@ def _read_features(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def compare_sites(cfg: CompareSitesConfig) -> Path:
-    from saekit.activations.cache import CacheConfig, build_cache
+    from saekit.activations.cache import build_cache
+    from saekit.activations.cache_config import CacheConfig
     from saekit.activations.corpus import load_texts, tokenize_contexts
     from saekit.activations.models import load_model
     from saekit.diagnostics.diagnose import DiagnoseConfig, diagnose

@@ -56,7 +56,8 @@ class RareFeatureConfig:
 
 
 def rare_feature_experiment(cfg: RareFeatureConfig) -> Path:
-    from saekit.activations.cache import CacheConfig, build_cache
+    from saekit.activations.cache import build_cache
+    from saekit.activations.cache_config import CacheConfig
     from saekit.diagnostics.diagnose import DiagnoseConfig, diagnose
     from saekit.diagnostics.evaluate import EvaluateConfig, evaluate
     from saekit.sae.io import atomic_write_json
