@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 __all__ = ["__version__", "cache", "train", "evaluate", "diagnose", "load_cache", "load_run"]
 
 
-def cache(**config: Any) -> Cache:
-    """Harvest activations into a cache dir (`saekit cache`): `out=` and any CacheConfig field."""
+def cache(**config: Any) -> Cache | dict[str, Cache]:
+    """Harvest activations into a cache dir (`saekit cache`): `out=` and any CacheConfig field.
+    Returns the Cache ({site: Cache} when `site=` names several)."""
     from .activations.cache import build_cache
     from .activations.cache_config import CacheConfig
 

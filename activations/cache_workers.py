@@ -70,7 +70,8 @@ def worker_dir(out: str | Path, index: int) -> Path:
 
 
 def build_cache_worker(cfg: CacheConfig, index: int, count: int) -> Path:
-    """Cache worker `index`'s share of the contexts into OUT/worker-index; merge if it is last."""
+    """Cache worker `index`'s share of the contexts into OUT/worker-index; merge if it is last.
+    Returns OUT once merged, else the worker's own dir (a complete cache of its share)."""
     from .models import model_spec
     from .sites import resolve_sites
 
@@ -130,7 +131,7 @@ def build_cache_worker(cfg: CacheConfig, index: int, count: int) -> Path:
     )
     done = [load_raw_manifest(worker_dir(cfg.out, i)) for i in range(count)]
     if all(d is not None and d.get("complete") for d in done):
-        merge_cache(MergeConfig(out=Path(cfg.out)))
+        return merge_cache(MergeConfig(out=Path(cfg.out)))
     return out
 
 

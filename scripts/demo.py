@@ -123,10 +123,12 @@ def _pipeline(cfg: DemoConfig, out: Path) -> DemoResult:
             device=cfg.device,
         )
     )
-    run = train(_train_config(cfg, Path(cache), out / "run"))
+    run = train(_train_config(cfg, cache.path, out / "run"))
     ev = evaluate(EvaluateConfig(run=str(run), tokens=cfg.eval_tokens, device=cfg.device))
     report = diagnose(
-        DiagnoseConfig(run=str(run), out=str(out / "report"), cache=str(cache), device=cfg.device)
+        DiagnoseConfig(
+            run=str(run), out=str(out / "report"), cache=str(cache.path), device=cfg.device
+        )
     )
     summary = report.summary
     live = _count(summary, "live")

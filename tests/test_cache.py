@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saekit.activations.cache import build_cache
+from saekit.activations.cache import Cache, build_cache
 from saekit.activations.cache_config import CacheConfig
 from saekit.activations.cache_format import read_manifest
 from saekit.activations.cache_reader import CacheReader
@@ -68,7 +68,8 @@ def reference_rows(
 
 def test_rows_equal_run_with_cache(model, tmp_path):
     sites = ["mlp_post", "mlp_out", "resid_post"]
-    out = build_cache(small_cfg(tmp_path / "c", site=",".join(sites)))
+    caches = build_cache(small_cfg(tmp_path / "c", site=",".join(sites)))
+    assert list(caches) == sites  # one Cache per site, in a sub-dir named after it
     hooks = {
         "mlp_post": "blocks.0.mlp.hook_post",
         "mlp_out": "blocks.0.hook_mlp_out",
@@ -76,7 +77,8 @@ def test_rows_equal_run_with_cache(model, tmp_path):
     }
     ctx_tokens = None
     for site in sites:
-        m, cat, ctx = read_cache(out / site)
+        assert caches[site].path == tmp_path / "c" / site and caches[site].site == site
+        m, cat, ctx = read_cache(caches[site].path)
         assert m["complete"] and m["n_tokens"] == 1500 and m["hook_name"] == hooks[site]
         assert m["include_bos"] is False and "BOS" in m["bos_rows"]
         tokens = ctx["tokens"].long()
@@ -101,7 +103,7 @@ def test_rows_equal_run_with_cache(model, tmp_path):
 
 
 def test_mlp_out_logits_equals_definition(model, tmp_path):
-    out = build_cache(small_cfg(tmp_path / "c", site="mlp_out_logits", tokens=700))
+    out = build_cache(small_cfg(tmp_path / "c", site="mlp_out_logits", tokens=700)).path
     m, cat, ctx = read_cache(out)
     assert m["d_in"] == model.cfg.d_vocab and cat["activations"].shape == (700, model.cfg.d_vocab)
     tokens = ctx["tokens"].long()
@@ -135,7 +137,7 @@ def test_smollm2_resid_matches_transformers(tmp_path):
             context_size=17,
             batch_size=2,
         )
-    )
+    ).path
     m, cat, ctx = read_cache(out)
     hf, tok = smollm2_hf(torch.float32)
     with torch.inference_mode():
@@ -202,7 +204,34 @@ def test_kill_resume_is_identical(tmp_path):
 def resid_cache(model, tmp_path_factory):
     return build_cache(
         small_cfg(tmp_path_factory.mktemp("rc") / "c", site="resid_post", tokens=3000)
+    ).path
+
+
+def test_cache_handle(resid_cache, tmp_path):
+    """`Cache` (what saekit.cache returns): the manifest's fields, the trainer's reader and
+    samples, and a refusal of an incomplete cache."""
+    import shutil
+
+    cache = Cache.open(str(resid_cache))
+    m = read_manifest(resid_cache)
+    assert cache.path == resid_cache and cache.manifest == m
+    assert (cache.d_in, cache.n_tokens, cache.site) == (m["d_in"], 3000, "resid_post")
+    assert (cache.hook_name, cache.model) == ("blocks.0.hook_resid_post", "default")
+    assert repr(cache) == (
+        f"Cache({str(resid_cache)!r}, model='default', hook='blocks.0.hook_resid_post', "
+        f"tokens=3,000, d_in={m['d_in']})"
     )
+    want = CacheReader(resid_cache, batch_size=64, seed=5).sample(700, seed=2)
+    assert torch.equal(cache.sample(700, seed=2), want)
+    a = next(cache.reader(64, seed=5, dtype=torch.float16).batches())
+    b = next(CacheReader(resid_cache, batch_size=64, seed=5).batches())
+    assert a.dtype == torch.float16 and torch.equal(a, b.half())
+    d = tmp_path / "c"
+    shutil.copytree(resid_cache, d)
+    m["complete"] = False
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(SaekitError, match="is incomplete"):
+        Cache.open(d)
 
 
 def test_flipped_byte_is_refused(resid_cache, tmp_path):
@@ -347,7 +376,7 @@ def test_refusals(model, tmp_path):
 
 
 def test_resume_and_overwrite(model, tmp_path):
-    out = build_cache(small_cfg(tmp_path / "c", tokens=800))
+    out = build_cache(small_cfg(tmp_path / "c", tokens=800)).path
     before = shard_hashes(out)
     # resuming a complete cache changes nothing; different settings are refused
     build_cache(small_cfg(out, tokens=800, resume=True))

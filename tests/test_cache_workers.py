@@ -27,10 +27,15 @@ def _rows(reader: CacheReader) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_two_workers_merge_to_the_one_process_cache(tmp_path):
-    one = build_cache(CacheConfig(out=tmp_path / "one", tokens=TOKENS, shard_mb=8))
+    one = build_cache(CacheConfig(out=tmp_path / "one", tokens=TOKENS, shard_mb=8)).path
     out = tmp_path / "two"
-    for i in range(2):
+    got = [
         build_cache(CacheConfig(out=out, tokens=TOKENS, shard_mb=8, num_workers=2, worker_index=i))
+        for i in range(2)
+    ]
+    # The first worker returns its own share; the second, which merged, the whole cache.
+    assert got[0].path == out / "worker-0" and got[1].path == out
+    assert 0 < got[0].n_tokens < TOKENS and got[1].n_tokens == TOKENS
     # The second worker to finish merged: worker-0's manifest alone is not enough.
     assert (out / "manifest.json").is_file()
     a, b = CacheReader(one, 512), CacheReader(out, 512)

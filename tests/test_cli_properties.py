@@ -209,7 +209,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         cache = build_cache(
             CacheConfig(out=base / "cache", tokens=1024, context_size=32, batch_size=8)
-        )
+        ).path
         run = train(
             TrainConfig(
                 cache=str(cache),

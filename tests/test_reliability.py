@@ -390,7 +390,7 @@ def small_cache(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("small") / "cache"
     return build_cache(
         CacheConfig(out=out, tokens=3000, context_size=64, batch_size=8, shard_mb=0.25)
-    )
+    ).path
 
 
 def refused(argv: list[str], capsys, code: int = 2) -> str:
@@ -645,7 +645,7 @@ def test_resume_on_another_cache_is_refused(small_cache, interrupted_run, tmp_pa
     from saekit.activations.cache_config import CacheConfig
 
     other = build_cache(CacheConfig(out=tmp_path / "other", tokens=3000, context_size=64,
-                                    batch_size=8, shard_mb=0.25, seed=1))  # fmt: skip
+                                    batch_size=8, shard_mb=0.25, seed=1)).path  # fmt: skip
     d = tmp_path / "run"
     shutil.copytree(interrupted_run, d)
     before = tree(d)
@@ -700,7 +700,7 @@ def other_model_cache(tmp_path_factory) -> Path:
     hf.save_pretrained(base / "model")
     default_tokenizer().save_pretrained(base / "model")
     return build_cache(CacheConfig(out=base / "cache", model=str(base / "model"), tokens=1000,
-                                   context_size=64, batch_size=8, shard_mb=0.25))  # fmt: skip
+                                   context_size=64, batch_size=8, shard_mb=0.25)).path  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,9 @@ def cache(tmp_path_factory) -> Path:
         from saekit.activations.cache import build_cache
         from saekit.activations.cache_config import CacheConfig
 
-        return build_cache(CacheConfig(out=out, model="default", site="mlp_post", tokens=100_000))
+        return build_cache(
+            CacheConfig(out=out, model="default", site="mlp_post", tokens=100_000)
+        ).path
     return write_synthetic_cache(out)
 
 

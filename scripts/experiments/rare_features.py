@@ -87,7 +87,7 @@ def rare_feature_experiment(cfg: RareFeatureConfig) -> Path:
     resample_steps = sorted({max(1, round(f * cfg.steps)) for f in cfg.resample_at})
     run = train(
         TrainConfig(
-            cache=str(cache),
+            cache=str(cache.path),
             out=str(out / "run"),
             arch="relu_l1",
             features=cfg.features,
