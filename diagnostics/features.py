@@ -262,11 +262,7 @@ def measure_density(
     for x in batches:
         x = x.to(dev, sae.W_dec.dtype)
         out = sae(x)
-        acts = out.acts
-        if out.indices is not None:
-            acts = torch.zeros(x.shape[0], d_sae, device=dev, dtype=acts.dtype).scatter_(
-                1, out.indices, out.acts
-            )
+        acts = out.acts  # [B, d_sae], dense for every arch
         counts += (acts > 0).sum(0)
         sq_err += (x - out.recon).double().pow(2).sum()
         sum_x += x.double().sum(0)

@@ -1,7 +1,7 @@
 """Files: atomic writes, verified reads, and the run dir's SAE format (loadable by SAELens).
 
-The SAE is saved as SAELens 6 saves one: `cfg.json` (architecture "standard" for the ReLU archs,
-"topk" for TopK) and `sae_weights.safetensors` with `W_enc` [d_in, d_sae], `b_enc`, `W_dec`
+The SAE is saved as SAELens 6 saves one: `cfg.json` (`architecture` from the arch's row in
+sae/archs.py: "standard" for the ReLU archs, "topk" for TopK) and `sae_weights.safetensors` with `W_enc` [d_in, d_sae], `b_enc`, `W_dec`
 [d_sae, d_in], `b_dec`. saekit's own fields ride in cfg.json's `metadata`, which SAELens keeps
 as free-form attributes, and are mirrored in `saekit.json`.
 """
@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
+from .archs import ARCHS, saved_arch
 from .errors import SaekitError
 
 CFG_FILE = "cfg.json"
@@ -140,28 +141,24 @@ def save_sae(sae, run_dir: str | Path, metadata: dict, input_scale: float = 1.0)
         "aux_coef": cfg.aux_coef,
         "input_scale_folded": s,
     }
+    arch = sae.arch
     sl_cfg: dict[str, Any] = {
-        "architecture": "topk" if cfg.arch == "topk" else "standard",
+        "architecture": arch.saelens_architecture,
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": dtype,
         "device": "cpu",
-        # relu_l1 and topk subtract b_dec from the input (Anthropic 2023, Gao et al.); the April
-        # 2024 recipe does not.
-        "apply_b_dec_to_input": cfg.arch != "relu_l1_v2",
+        "apply_b_dec_to_input": arch.subtract_b_dec,
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": meta,
     }
-    if cfg.arch == "topk":
+    if arch.uses_k:
         sl_cfg["k"] = cfg.k
         sl_cfg["rescale_acts_by_decoder_norm"] = False
     atomic_save_safetensors(run_dir / WEIGHTS_FILE, tensors)
     atomic_write_json(run_dir / CFG_FILE, sl_cfg)
     atomic_write_json(run_dir / SAEKIT_FILE, meta)
-
-
-ARCHS = ("relu_l1", "relu_l1_v2", "topk")
 
 
 def _is_int(v: Any) -> bool:
@@ -177,16 +174,31 @@ def _is_num(v: Any) -> bool:
     )
 
 
+# The SAELens classes saekit saves as (cfg.json's `architecture`), in the table's order.
+_SAELENS_ARCHS = tuple(dict.fromkeys(a.saelens_architecture for a in ARCHS.values()))
+
 # cfg.json fields saekit reads: (where, field, required, test, what it must be).
 _CFG_FIELDS: list[tuple[str, str, bool, Any, str]] = [
     ("", "d_in", True, lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     ("", "d_sae", True, lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    ("", "architecture", False, lambda v: v in ("standard", "topk"), "'standard' or 'topk'"),
+    (
+        "",
+        "architecture",
+        False,
+        lambda v: v in _SAELENS_ARCHS,
+        " or ".join(map(repr, _SAELENS_ARCHS)),
+    ),
     ("", "apply_b_dec_to_input", False, lambda v: isinstance(v, bool), "true or false"),
     ("", "k", False, lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     ("", "dtype", False, lambda v: isinstance(v, str), "a string"),
     ("", "metadata", False, lambda v: v is None or isinstance(v, dict), "an object"),
-    ("metadata.", "arch", False, lambda v: v is None or v in ARCHS, " | ".join(ARCHS)),
+    (
+        "metadata.",
+        "arch",
+        False,
+        lambda v: v is None or (isinstance(v, str) and v in ARCHS),
+        " | ".join(ARCHS),
+    ),
     ("metadata.", "k", False, lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1"),
     (
         "metadata.",
@@ -266,9 +278,8 @@ def load_sae(run_dir: str | Path, device: str = "cpu") -> tuple[Any, dict]:
         raise SaekitError(f"{run_dir / WEIGHTS_FILE} lacks {sorted(missing)}; re-run training")
     check_run_cfg(cfg_path, sl_cfg)
     meta = dict(sl_cfg.get("metadata") or {})
-    arch = meta.get("arch") or ("topk" if sl_cfg.get("architecture") == "topk" else "relu_l1")
-    if arch == "relu_l1" and not sl_cfg.get("apply_b_dec_to_input", True):
-        arch = "relu_l1_v2"
+    apply_b_dec = sl_cfg.get("apply_b_dec_to_input", True)
+    arch = saved_arch(meta.get("arch"), sl_cfg.get("architecture"), apply_b_dec)
     if tensors["W_enc"].ndim != 2:
         raise SaekitError(f"{run_dir / WEIGHTS_FILE}: W_enc is not a matrix; re-run training")
     d_in, d_sae = tensors["W_enc"].shape
@@ -290,7 +301,7 @@ def load_sae(run_dir: str | Path, device: str = "cpu") -> tuple[Any, dict]:
         k_aux=meta.get("k_aux"),
         aux_coef=float(meta.get("aux_coef", 1 / 32)),
     )
-    if arch == "topk" and not cfg.k <= d_sae:
+    if ARCHS[arch].uses_k and not cfg.k <= d_sae:
         raise SaekitError(
             f"{cfg_path}: field k is {cfg.k}, more than the SAE's {d_sae} features; fix it or re-run training"
         )

@@ -1,4 +1,5 @@
-"""The SAE modules (sae/model.py) and their file format (sae/io.py), on small random tensors."""
+"""The SAE (sae/model.py), its hand-written step (sae/fast_step.py) and its file format
+(sae/io.py), on small random tensors."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import math
 import pytest
 import torch
 
+from saekit.sae.archs import ARCHS
+from saekit.sae.fast_step import FastStep, autograd_step, has_fast_step
 from saekit.sae.io import atomic_write_json, load_sae, save_sae
 from saekit.sae.model import SAE, SAEConfig, geometric_median
 
 
-def _random_sae(arch: str, d_in=16, d_sae=64, k=4, seed=0, dtype=torch.float64) -> SAE:
-    sae = SAE(SAEConfig(arch, d_in, d_sae, k=k, k_aux=8), dtype=dtype, seed=seed)
+def _random_sae(arch: str, d_in=16, d_sae=64, k=4, seed=0, dtype=torch.float64, k_aux=8) -> SAE:
+    sae = SAE(SAEConfig(arch, d_in, d_sae, k=k, k_aux=k_aux), dtype=dtype, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         sae.b_dec.copy_(torch.randn(d_in, generator=g))
@@ -20,7 +23,8 @@ def _random_sae(arch: str, d_in=16, d_sae=64, k=4, seed=0, dtype=torch.float64) 
     return sae
 
 
-def test_topk_sparse_backward_equals_dense_autograd():
+def test_topk_forward_matches_definition():
+    """sae(x, dead) and its autograd gradients equal TopK + AuxK written out here (Gao et al.)."""
     sae = _random_sae("topk")
     x = torch.randn(32, 16, dtype=torch.float64)
     dead = torch.rand(64, generator=torch.Generator().manual_seed(3)) < 0.5
@@ -44,7 +48,7 @@ def test_topk_sparse_backward_equals_dense_autograd():
     for n, p in sae.named_parameters():
         assert torch.allclose(p.grad, ours[n], atol=1e-12), n
     assert torch.equal(sae.fired(out), (f > 0).sum(0))
-    assert torch.equal(sae.encode(x), f)
+    assert torch.allclose(sae.encode(x), f, atol=1e-12)
 
 
 @pytest.mark.parametrize("arch", ["relu_l1", "relu_l1_v2"])
@@ -133,31 +137,55 @@ def test_load_sae_errors(tmp_path):
         load_sae(tmp_path)
 
 
-@pytest.mark.parametrize(
-    "arch, dead_frac",
-    [("relu_l1", None), ("relu_l1_v2", None), ("topk", None), ("topk", 0.0), ("topk", 0.05),
-     ("topk", 0.6)],
-)  # fmt: skip
-def test_forward_backward_equals_autograd(arch, dead_frac):
-    """The hand-written training step gives autograd's loss, parts, gradients and firing counts,
-    including AuxK with no, a few (< k_aux) and many dead latents; again at another batch size
-    (work buffers re-made) and on a second call (buffers and .grad overwritten, not added to)."""
-    sae = _random_sae(arch)
-    if arch == "relu_l1_v2":  # non-uniform decoder norms exercise the sum f_i ||W_dec,i|| term
+# Every arch, without a dead mask and with no, a few (< k_aux) and many dead latents (archs
+# without AuxK must ignore the mask), at two shapes.
+SHAPES = [dict(d_in=16, d_sae=64, k=4, k_aux=8), dict(d_in=24, d_sae=40, k=7, k_aux=30)]
+
+
+@pytest.mark.parametrize("shape", range(len(SHAPES)))
+@pytest.mark.parametrize("dead_frac", [None, 0.0, 0.05, 0.6])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_fast_step_equals_autograd(arch, dead_frac, shape):
+    """The hand-written training step gives autograd's loss, parts, gradients and firing counts;
+    again at another batch size (work buffers re-made) and on a second call (buffers and .grad
+    overwritten, not added to)."""
+    dims = SHAPES[shape]
+    sae = _random_sae(arch, **dims)
+    assert has_fast_step(sae.arch)  # every arch in the table has one today
+    d_sae, d_in = dims["d_sae"], dims["d_in"]
+    if not sae.arch.unit_decoder:  # non-uniform decoder norms exercise the l1_dec_norm term
         with torch.no_grad():
-            sae.W_dec.mul_(torch.rand(64, 1, generator=torch.Generator().manual_seed(5)) + 0.5)
+            sae.W_dec.mul_(torch.rand(d_sae, 1, generator=torch.Generator().manual_seed(5)) + 0.5)
     g = torch.Generator().manual_seed(4)
-    dead = None if dead_frac is None else torch.rand(64, generator=g) < dead_frac
+    dead = None if dead_frac is None else torch.rand(d_sae, generator=g) < dead_frac
+    step = FastStep(sae)
     for B in (32, 20, 20):
-        x = torch.randn(B, 16, dtype=torch.float64, generator=g)
+        x = torch.randn(B, d_in, dtype=torch.float64, generator=g)
         out = sae(x, dead)
         loss = sae.loss(out, 0.3)
         sae.zero_grad()
         loss.backward()
         want = {n: p.grad.clone() for n, p in sae.named_parameters()}
-        step = sae.forward_backward(x, 0.3, dead)
-        assert torch.allclose(step.loss, loss) and torch.allclose(step.mse, out.mse)
-        assert torch.allclose(step.sparsity, out.sparsity) and torch.allclose(step.aux, out.aux)
-        assert torch.equal(step.fired, sae.fired(out))
+        got = step(x, 0.3, dead)
+        assert torch.allclose(got.loss, loss) and torch.allclose(got.mse, out.mse)
+        assert torch.allclose(got.sparsity, out.sparsity) and torch.allclose(got.aux, out.aux)
+        assert torch.equal(got.fired, sae.fired(out))
         for n, p in sae.named_parameters():
             assert torch.allclose(p.grad, want[n], atol=1e-12), (n, B)
+        if sae.arch.aux_loss == "auxk" and dead is not None and dead.any():
+            assert got.aux > 0  # the AuxK path really ran
+
+
+def test_autograd_step_overwrites_grads():
+    """The fallback step of archs without a hand-written one: autograd's gradients, not added
+    to what .grad held."""
+    sae = _random_sae("relu_l1")
+    x = torch.randn(8, 16, dtype=torch.float64)
+    for p in sae.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    got = autograd_step(sae, x, 0.3)
+    fast = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    want = FastStep(sae)(x, 0.3)
+    for n, p in sae.named_parameters():
+        assert torch.allclose(fast[n], p.grad, atol=1e-12), n
+    assert torch.allclose(got.loss, want.loss) and torch.equal(got.fired, want.fired)

@@ -8,12 +8,9 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
+from ..sae.archs import ARCHS, Arch, ArchName
 from ..sae.errors import SaekitError
 
-# Defaults tuned on the default model's mlp_post (see docs/benchmarks.md); for relu archs the L1
-# coefficient is given for inputs of mean norm sqrt(d_in) and rescaled to the cache's norm.
-DEFAULT_LR = {"relu_l1": 1e-3, "relu_l1_v2": 5e-4, "topk": 1e-3}
-DEFAULT_L1 = {"relu_l1": 3.0, "relu_l1_v2": 5.0, "topk": 0.0}
 GEOMEDIAN_ROWS = 16384
 
 
@@ -25,7 +22,7 @@ class TrainConfig:
     """Cache dir written by `saekit cache`."""
     out: str
     """Run dir to write (cfg.json, sae_weights.safetensors, history, metrics, checkpoints)."""
-    arch: Literal["relu_l1", "relu_l1_v2", "topk"] = "relu_l1"
+    arch: ArchName = "relu_l1"
     """relu_l1 (Anthropic 2023), relu_l1_v2 (Anthropic April 2024) or topk (Gao et al. 2024)."""
     features: int | None = None
     """Number of features (d_sae); None: expansion * d_in."""
@@ -88,17 +85,57 @@ class TrainConfig:
 
     def resolve(self, d_in: int, mean_norm: float, n_rows: int) -> ResolvedConfig:
         """Concrete values for every None, after checking that everything makes sense."""
-        bad = SaekitError
+        if not isinstance(self.arch, str) or self.arch not in ARCHS:  # the CLI checks; the API not
+            raise SaekitError(f"--arch {self.arch!r} is unknown; choose one of {', '.join(ARCHS)}")
+        arch = ARCHS[self.arch]
         if self.d_in is not None and self.d_in != d_in:
-            raise bad(
+            raise SaekitError(
                 f"--d-in {self.d_in} does not match the cache's width {d_in}; drop --d-in or use a cache of width {self.d_in}"
             )
         if self.features is not None and self.expansion is not None:
-            raise bad(
+            raise SaekitError(
                 f"--features {self.features} and --expansion {self.expansion} both set the width; give one of them"
             )
         expansion = self.expansion if self.expansion is not None else 8
         d_sae = self.features if self.features is not None else expansion * d_in
+        for ok, msg in self._checks(arch, expansion, d_sae):
+            if not ok:
+                raise SaekitError(msg)
+        resample, steps = self._resample_schedule(arch, n_rows)
+        steps_per_window = (
+            max(1, math.ceil(self.steps / 100))
+            if self.density_window is None
+            else max(1, round(self.density_window / self.batch_size))
+        )
+        if arch.default_l1 is None:  # no L1 term: --l1-coef does not apply
+            l1_coef = 0.0
+        elif self.l1_coef is not None:
+            l1_coef = self.l1_coef
+        elif arch.input_norm:  # trains on inputs rescaled to mean norm sqrt(d_in)
+            l1_coef = arch.default_l1
+        else:
+            l1_coef = arch.default_l1 * mean_norm / math.sqrt(d_in)
+        return ResolvedConfig(
+            d_in=d_in,
+            d_sae=d_sae,
+            lr=self.lr if self.lr is not None else arch.default_lr,
+            l1_coef=l1_coef,
+            lr_decay=self.lr_decay if self.lr_decay is not None else arch.lr_decay,
+            l1_warmup=self.l1_warmup if self.l1_warmup is not None else arch.l1_warmup,
+            k_aux=self.k_aux if self.k_aux is not None else max(1, d_in // 2),
+            resample=resample,
+            resample_steps=steps,
+            dead_window=self.dead_window
+            if self.dead_window is not None
+            else max(1, self.steps // 8),
+            resample_inputs=min(self.resample_inputs, n_rows),
+            steps_per_window=steps_per_window,
+            input_scale=math.sqrt(d_in) / mean_norm if arch.input_norm else 1.0,
+            n_rows=n_rows,
+        )
+
+    def _checks(self, arch: Arch, expansion: int, d_sae: int) -> list[tuple[bool, str]]:
+        """(condition, the one-line error if it fails), in the order they are reported."""
         checks = [
             (self.steps >= 1, f"--steps must be >= 1 (got {self.steps})"),
             (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
@@ -146,24 +183,25 @@ class TrainConfig:
             ),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
         ]
-        if self.arch == "topk":
-            checks += [
+        if arch.uses_k:
+            checks.append(
                 (
                     1 <= self.k <= d_sae,
                     f"--k must be between 1 and the number of features {d_sae} (got {self.k})",
-                ),
+                )
+            )
+        if arch.aux_loss == "auxk":
+            checks.append(
                 (
                     self.k_aux is None or 1 <= self.k_aux <= d_sae,
                     f"--k-aux must be between 1 and {d_sae} (got {self.k_aux})",
-                ),
-            ]
-        for ok, msg in checks:
-            if not ok:
-                raise bad(msg)
+                )
+            )
+        return checks
 
-        resample = self.resample
-        if resample == "auto":
-            resample = "anthropic" if self.arch == "relu_l1" else "none"
+    def _resample_schedule(self, arch: Arch, n_rows: int) -> tuple[str, list[int]]:
+        """The resampling method (auto: the arch's) and its steps, checked."""
+        resample = arch.resample if self.resample == "auto" else self.resample
         if resample == "anthropic":
             if self.resample_steps is None:
                 steps = sorted({self.steps * q // 4 for q in (1, 2, 3)} - {0})
@@ -171,52 +209,21 @@ class TrainConfig:
                 steps = sorted(set(self.resample_steps))
             for s in steps:
                 if not 1 <= s < self.steps:
-                    raise bad(
+                    raise SaekitError(
                         f"resample step {s} is outside 1..{self.steps - 1} (steps={self.steps}); a resampling at the end would leave untrained features"
                     )
         else:
             if self.resample_steps:
-                raise bad("--resample-steps given with --resample none; drop one of them")
+                raise SaekitError("--resample-steps given with --resample none; drop one of them")
             if self.resample_holdout:
-                raise bad("--resample-holdout needs --resample anthropic")
+                raise SaekitError("--resample-holdout needs --resample anthropic")
             steps = []
         if self.resample_inputs > n_rows and resample == "anthropic":
             print(
                 f"saekit: warning: --resample-inputs {self.resample_inputs} exceeds the cache's {n_rows} rows; using {n_rows}",
                 file=sys.stderr,
             )
-        steps_per_window = (
-            max(1, math.ceil(self.steps / 100))
-            if self.density_window is None
-            else max(1, round(self.density_window / self.batch_size))
-        )
-        default_l1 = DEFAULT_L1[self.arch] * mean_norm / math.sqrt(d_in)
-        if self.arch == "relu_l1_v2":
-            default_l1 = DEFAULT_L1[self.arch]  # v2 trains on inputs rescaled to norm sqrt(d_in)
-        return ResolvedConfig(
-            d_in=d_in,
-            d_sae=d_sae,
-            lr=self.lr if self.lr is not None else DEFAULT_LR[self.arch],
-            l1_coef=(self.l1_coef if self.l1_coef is not None else default_l1)
-            if self.arch != "topk"
-            else 0.0,
-            lr_decay=self.lr_decay
-            if self.lr_decay is not None
-            else (0.2 if self.arch == "relu_l1_v2" else 0.0),
-            l1_warmup=self.l1_warmup
-            if self.l1_warmup is not None
-            else (0.05 if self.arch == "relu_l1_v2" else 0.0),
-            k_aux=self.k_aux if self.k_aux is not None else max(1, d_in // 2),
-            resample=resample,
-            resample_steps=steps,
-            dead_window=self.dead_window
-            if self.dead_window is not None
-            else max(1, self.steps // 8),
-            resample_inputs=min(self.resample_inputs, n_rows),
-            steps_per_window=steps_per_window,
-            input_scale=math.sqrt(d_in) / mean_norm if self.arch == "relu_l1_v2" else 1.0,
-            n_rows=n_rows,
-        )
+        return resample, steps
 
 
 @dataclass
@@ -246,7 +253,7 @@ def train_bytes(cfg: TrainConfig, res: ResolvedConfig, world_size: int = 1) -> i
     item = 2 if cfg.dtype == "bfloat16" else 8 if cfg.dtype == "float64" else 4
     d, batch = res.d_in, max(1, cfg.batch_size // max(1, world_size))
     windows = math.ceil(cfg.steps / res.steps_per_window)
-    work = batch + d if cfg.arch == "topk" else 2 * batch
+    work = batch + d if ARCHS[cfg.arch].activation == "topk" else 2 * batch
     per_feature = item * (4 * (2 * d + 1) + work) + 8 * (2 + windows)
     fixed = 4 * batch * d * item + (
         res.resample_inputs * d * 4 if res.resample == "anthropic" else 0

@@ -29,12 +29,10 @@ def per_input_loss(sae: SAE, x: Tensor, l1_coef: float, chunk: int = 4096) -> Te
     """[N] the training loss of each input (squared error + sparsity term), without AuxK."""
     losses = []
     for xc in x.split(chunk):
-        out = sae(xc)
-        loss = (out.recon - xc).pow(2).sum(-1)
-        if sae.cfg.arch == "relu_l1":
-            loss += l1_coef * out.acts.sum(-1)
-        elif sae.cfg.arch == "relu_l1_v2":
-            loss += l1_coef * (out.acts @ sae.W_dec.norm(dim=1))
+        f = sae.encode(xc)
+        loss = (sae.decode(f) - xc).pow(2).sum(-1)
+        if sae.arch.penalty != "none":
+            loss += l1_coef * sae.penalty(f)
         losses.append(loss.float())
     return torch.cat(losses)
 

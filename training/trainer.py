@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ..activations.cache_format import entry_checksum
 from ..sae.errors import SaekitError, check_device
+from ..sae.fast_step import FastStep, StepOutput
 from ..sae.io import (
     SAEKIT_FILE,
     atomic_save_safetensors,
@@ -32,7 +33,7 @@ from ..sae.io import (
     save_sae,
     sha256_file,
 )
-from ..sae.model import SAE, SAEConfig, StepOutput, geometric_median
+from ..sae.model import SAE, SAEConfig, geometric_median
 from . import distributed
 from .config import GEOMEDIAN_ROWS, ResolvedConfig, TrainConfig, check_memory
 from .density import DensityTracker
@@ -128,6 +129,9 @@ class Trainer:
         self.dtype = DTYPES[cfg.dtype]
         sae_cfg = SAEConfig(cfg.arch, res.d_in, res.d_sae, cfg.k, res.k_aux, cfg.aux_coef)
         self.sae = SAE(sae_cfg, device=self.device, dtype=self.dtype, seed=cfg.seed)
+        self.arch = self.sae.arch
+        # loss and gradients of one batch: (x, l1_coef, dead_mask) -> StepOutput
+        self.forward_backward = FastStep(self.sae)
         params = list(self.sae.parameters())
         try:
             self.opt = torch.optim.Adam(params, lr=res.lr, fused=True)
@@ -155,7 +159,7 @@ class Trainer:
 
     @torch.no_grad()
     def init_fresh(self) -> None:
-        if self.cfg.arch != "relu_l1_v2":
+        if self.arch.b_dec_init == "geometric_median":
             n = min(GEOMEDIAN_ROWS, self.res.n_rows)
             x = self.reader.sample(n, seed=self.cfg.seed).to(self.device, torch.float32)
             self.sae.b_dec.copy_(geometric_median(x).to(self.dtype))
@@ -305,7 +309,7 @@ class Trainer:
             "lr": self.lr_at(self.step - 1),
             "l1_coef": self.l1_at(self.step - 1),
         }
-        if self.cfg.arch == "topk":
+        if self.arch.aux_loss != "none":
             m["aux"] = out.aux.item()
         if metrics_file is None:  # not rank 0
             return m
@@ -334,22 +338,22 @@ class Trainer:
     def train_step(self, x: torch.Tensor) -> StepOutput:
         """One step on batch x (in cache units): loss and gradients, decoder-gradient projection,
         Adam, decoder renormalisation, firing counts added to the history. No host sync."""
-        cfg, res, sae = self.cfg, self.res, self.sae
+        cfg, res, sae, arch = self.cfg, self.res, self.sae, self.arch
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step)
         if res.input_scale != 1.0:
             x = x * res.input_scale
-        use_aux = cfg.arch == "topk" and cfg.aux_coef > 0
+        use_aux = arch.aux_loss != "none" and cfg.aux_coef > 0
         dead_mask = self.density.dead_mask(self.step, res.dead_window) if use_aux else None
-        out = sae.forward_backward(x, self.l1_at(self.step), dead_mask)
+        out = self.forward_backward(x, self.l1_at(self.step), dead_mask)
         if self.world.size > 1:
             average_grads(list(sae.parameters()), self.world)
-        if sae.unit_decoder:
+        if arch.unit_decoder:
             sae.remove_parallel_decoder_grad()
-        if cfg.arch == "relu_l1_v2":
-            torch.nn.utils.clip_grad_norm_(list(sae.parameters()), 1.0)
+        if arch.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(list(sae.parameters()), arch.clip_grad)
         self.opt.step()
-        if sae.unit_decoder:
+        if arch.unit_decoder:
             sae.normalize_decoder()
         self.step += 1
         self.density.update(out.fired, self.step)

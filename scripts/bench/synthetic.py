@@ -3,7 +3,7 @@
 The source: `SyntheticSource.batch(i, 4096)` at the default config (d_in 64, 512 true features,
 L0 ~3.3), rows and their active sets. The step: relu_l1 and topk (k 32) SAEs with 1,024 features
 on d_in 64, batch 4096, as `Trainer.train_step` does it without the data and the density update:
-`forward_backward`, the decoder-gradient projection, fused Adam, decoder renormalisation. Target:
+`FastStep` (loss and gradients), the decoder-gradient projection, fused Adam, decoder renormalisation. Target:
 a step takes >= 10x as long as the batch it trains on takes to make.
 
 Both run in the same process, interleaved, and the medians of --reps repetitions after --warmup
@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from saekit.activations.synthetic import SyntheticConfig, SyntheticSource
+from saekit.sae.fast_step import FastStep
 from saekit.sae.model import SAE, SAEConfig
 
 D_IN, FEATURES, BATCH = 64, 1024, 4096
@@ -30,9 +31,10 @@ D_IN, FEATURES, BATCH = 64, 1024, 4096
 def sae_step(arch: str, x: torch.Tensor) -> Callable[[], None]:
     sae = SAE(SAEConfig(arch, D_IN, FEATURES, k=32))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3, fused=True)
+    forward_backward = FastStep(sae)
 
     def step() -> None:
-        sae.forward_backward(x, l1_coef=1.0)
+        forward_backward(x, l1_coef=1.0)
         sae.remove_parallel_decoder_grad()
         opt.step()
         sae.normalize_decoder()

@@ -31,7 +31,8 @@ import torch
 from saekit.activations.cache_files import write_cache
 from saekit.activations.cache_format import read_manifest
 from saekit.activations.cache_reader import CacheReader
-from saekit.sae.model import SAE, StepOutput
+from saekit.sae.fast_step import StepOutput
+from saekit.sae.model import SAE
 from saekit.training.config import TrainConfig
 from saekit.training.trainer import Trainer, _manifest_info
 
@@ -91,7 +92,7 @@ def interleaved(fns: list[Callable[[], object]], reps: int, warmup: int) -> list
 
 
 def bare_matmuls(sae: SAE) -> Callable[[], None]:
-    """The relu step's five matmuls as SAE._relu_step calls them, into preallocated outputs."""
+    """The relu step's five matmuls as FastStep._relu_step calls them, into preallocated outputs."""
     W_enc, W_dec = sae.W_enc.detach(), sae.W_dec.detach()
     d_sae = W_enc.shape[1]
     x, g = torch.randn(BATCH, D_IN), torch.randn(BATCH, D_IN)
@@ -112,31 +113,29 @@ def bare_matmuls(sae: SAE) -> Callable[[], None]:
     return run
 
 
-class DenseDecoderTopK(SAE):
+def dense_topk_step(sae: SAE, x, l1_coef=0.0, dead_mask=None) -> StepOutput:
     """The same TopK step written densely: [B, d_sae] activations, matmul decoder, autograd."""
-
-    def forward_backward(self, x, l1_coef=0.0, dead_mask=None) -> StepOutput:
-        k, B = self.cfg.k, x.shape[0]
-        with torch.enable_grad():
-            pre = (x - self.b_dec) @ self.W_enc + self.b_enc
-            vals, idx = pre.topk(k, dim=-1, sorted=False)
-            f = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
-            recon = f @ self.W_dec + self.b_dec
-            mse = (recon - x).pow(2).sum() / B
-            aux = x.new_zeros(())
-            if dead_mask is not None:
-                k_aux = min(self.cfg.k_aux, self.cfg.d_sae)
-                a_vals, a_idx = pre.masked_fill(~dead_mask, -math.inf).topk(k_aux, sorted=False)
-                f_aux = torch.zeros_like(pre).scatter(-1, a_idx, a_vals.relu())
-                resid = (x - recon).detach()
-                aux = (f_aux @ self.W_dec - resid).pow(2).sum() / B * dead_mask.any()
-            loss = mse + self.cfg.aux_coef * aux
-            self.zero_grad(set_to_none=True)
-            loss.backward()
-        # Counted from the kept latents, as ours: no dense pass charged to the baseline here.
-        fired = torch.zeros(self.cfg.d_sae, dtype=torch.int64)
-        fired.index_add_(0, idx.reshape(-1), (vals > 0).reshape(-1).long())
-        return StepOutput(loss.detach(), mse.detach(), x.new_zeros(()), aux.detach(), fired)
+    k, B = sae.cfg.k, x.shape[0]
+    with torch.enable_grad():
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        f = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+        recon = f @ sae.W_dec + sae.b_dec
+        mse = (recon - x).pow(2).sum() / B
+        aux = x.new_zeros(())
+        if dead_mask is not None:
+            k_aux = min(sae.cfg.k_aux, sae.cfg.d_sae)
+            a_vals, a_idx = pre.masked_fill(~dead_mask, -math.inf).topk(k_aux, sorted=False)
+            f_aux = torch.zeros_like(pre).scatter(-1, a_idx, a_vals.relu())
+            resid = (x - recon).detach()
+            aux = (f_aux @ sae.W_dec - resid).pow(2).sum() / B * dead_mask.any()
+        loss = mse + sae.cfg.aux_coef * aux
+        sae.zero_grad(set_to_none=True)
+        loss.backward()
+    # Counted from the kept latents, as ours: no dense pass charged to the baseline here.
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int64)
+    fired.index_add_(0, idx.reshape(-1), (vals > 0).reshape(-1).long())
+    return StepOutput(loss.detach(), mse.detach(), x.new_zeros(()), aux.detach(), fired)
 
 
 def topk_pair(cache: Path, tmp: Path, name: str, dead_frac: float, reps: int, warmup: int):
@@ -145,10 +144,8 @@ def topk_pair(cache: Path, tmp: Path, name: str, dead_frac: float, reps: int, wa
         kw["aux_coef"] = 0.0
     ours = make_trainer(cache, tmp / f"{name}-ours", **kw)
     dense = make_trainer(cache, tmp / f"{name}-dense", **kw)
-    dense_sae = DenseDecoderTopK(ours.sae.cfg)
-    dense_sae.load_state_dict(ours.sae.state_dict())
-    dense.sae = dense_sae
-    dense.opt = torch.optim.Adam(dense_sae.parameters(), lr=dense.res.lr, fused=True)
+    dense.sae.load_state_dict(ours.sae.state_dict())
+    dense.forward_backward = lambda x, l1, dead: dense_topk_step(dense.sae, x, l1, dead)
     if dead_frac:
         # Latents that can never fire (b_enc -1000): dead after the first step, so AuxK runs
         # with k_aux = 256 of them per row, its full cost.
