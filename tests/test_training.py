@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from saekit.activations.cache_files import write_cache
 from saekit.sae.errors import SaekitError
 from saekit.training.config import TrainConfig
-from saekit.training.trainer import _event_seed, train
+from saekit.training.resample import event_seed
+from saekit.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,7 +118,7 @@ def test_resampling_with_holdout(cache, tmp_path):
         idx = res.nonzero().squeeze(1)
         if len(idx):
             W_dec = ck["sae.W_dec"][idx]
-            x = reader.sample(20_000, seed=_event_seed(0, step))
+            x = reader.sample(20_000, seed=event_seed(0, step))
             unit = x / x.norm(dim=1, keepdim=True)
             best = (W_dec @ unit.t()).max(dim=1)
             assert torch.allclose(W_dec, unit[best.indices], atol=1e-6)

@@ -19,6 +19,11 @@ from torch import Tensor
 from ..sae.model import SAE
 
 
+def event_seed(seed: int, step: int) -> int:
+    """The seed of the resampling event at `step` (its generator and its input sample)."""
+    return (seed * 1_000_003 + step) % (2**63)
+
+
 class ResampleResult(NamedTuple):
     resampled: Tensor  # bool [d_sae]
     held_out: Tensor  # bool [d_sae]

@@ -34,7 +34,8 @@ from saekit.activations.cache_reader import CacheReader
 from saekit.sae.fast_step import StepOutput
 from saekit.sae.model import SAE
 from saekit.training.config import TrainConfig
-from saekit.training.trainer import Trainer, _manifest_info
+from saekit.training.loop import Trainer
+from saekit.training.trainer import _manifest_info
 
 D_IN, BATCH = 512, 4096
 

@@ -1,0 +1,330 @@
+"""The training loop: `Trainer` steps an SAE over a cache reader and writes the run dir's files.
+
+A step (`Trainer.train_step`) is: read a batch (prefetched by the reader), loss and gradients
+(sae/fast_step.py), decoder-gradient projection, Adam, decoder renormalisation, firing counts
+added on the device. Nothing in a step waits for the device except at log, window and
+checkpoint steps. What differs between architectures is read from sae/archs.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..sae.errors import SaekitError
+from ..sae.fast_step import FastStep, StepOutput
+from ..sae.io import atomic_save_safetensors, save_sae
+from ..sae.model import SAE, SAEConfig, geometric_median
+from .checkpoint import cache_fingerprint, cfg_dict, drop_after, read_checkpoint, write_checkpoint
+from .config import GEOMEDIAN_ROWS, ResolvedConfig, TrainConfig
+from .density import DensityTracker
+from .distributed import ReducedDensityTracker, World, average_grads, local_slices
+from .resample import anthropic_resample, event_seed
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def sae_metadata(manifest: dict, cfg: TrainConfig, arch: str, d_in: int, d_sae: int) -> dict:
+    """cfg.json's metadata: where the activations came from (docs/architecture.md, sae/io.py)."""
+    return {
+        "model_name": manifest.get("model"),
+        "hook_name": manifest.get("hook_name") or manifest.get("hook"),
+        "site": manifest.get("site"),
+        "layer": manifest.get("layer"),
+        # The cache by name and content, never by a path of the machine that trained.
+        "cache": Path(cfg.cache).name,
+        "cache_fingerprint": cache_fingerprint(manifest),
+        "include_bos": bool(manifest.get("include_bos", False)),
+        "context_size": manifest.get("context_size"),
+        "dataset": manifest.get("dataset"),
+        "prepend_bos": True,
+        "arch": arch,
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "train_config": {**cfg_dict(cfg), "cache": Path(cfg.cache).name, "out": None},
+    }
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        res: ResolvedConfig,
+        reader,
+        manifest: dict,
+        out: Path,
+        world: World | None = None,
+    ):
+        self.cfg, self.res, self.reader, self.manifest, self.out = cfg, res, reader, manifest, out
+        # Data-parallel ranks (training/distributed.py); only rank 0 writes.
+        self.world = world or World()
+        self.device = torch.device(cfg.device)
+        self.dtype = DTYPES[cfg.dtype]
+        sae_cfg = SAEConfig(cfg.arch, res.d_in, res.d_sae, cfg.k, res.k_aux, cfg.aux_coef)
+        self.sae = SAE(sae_cfg, device=self.device, dtype=self.dtype, seed=cfg.seed)
+        self.arch = self.sae.arch
+        # loss and gradients of one batch: (x, l1_coef, dead_mask) -> StepOutput
+        self.forward_backward = FastStep(self.sae)
+        params = list(self.sae.parameters())
+        try:
+            self.opt = torch.optim.Adam(params, lr=res.lr, fused=True)
+        except (RuntimeError, TypeError):  # fused Adam is not built for every device/dtype
+            self.opt = torch.optim.Adam(params, lr=res.lr, foreach=True)
+        tracker = ReducedDensityTracker if self.world.size > 1 else DensityTracker
+        self.density = tracker(res.d_sae, cfg.batch_size, res.steps_per_window, self.device)
+        self.step = 0
+        self.elapsed = 0.0
+        self.last_checkpoint: int | None = None
+        self.wandb = None
+
+    # -- schedules: lambda warm-up at the start, lr decay to 0 at the end (linear) --
+    def lr_at(self, step: int) -> float:
+        S, frac = self.cfg.steps, self.res.lr_decay
+        if frac <= 0:
+            return self.res.lr
+        return self.res.lr * min(1.0, (S - step) / max(1.0, frac * S))
+
+    def l1_at(self, step: int) -> float:
+        frac = self.res.l1_warmup
+        if frac <= 0:
+            return self.res.l1_coef
+        return self.res.l1_coef * min(1.0, (step + 1) / max(1.0, frac * self.cfg.steps))
+
+    @torch.no_grad()
+    def init_fresh(self) -> None:
+        if self.arch.b_dec_init == "geometric_median":
+            n = min(GEOMEDIAN_ROWS, self.res.n_rows)
+            x = self.reader.sample(n, seed=self.cfg.seed).to(self.device, torch.float32)
+            self.sae.b_dec.copy_(geometric_median(x).to(self.dtype))
+
+    # -- checkpoints (training/checkpoint.py owns the files) --
+    def save_checkpoint(self) -> None:
+        density_state = self.density.state()  # a collective when distributed: every rank calls it
+        self.last_checkpoint = self.step
+        if not self.world.main:
+            return
+        names = dict(self.sae.named_parameters())
+        tensors = {f"sae.{n}": p.detach() for n, p in names.items()}
+        for n, p in names.items():
+            for key, v in self.opt.state.get(p, {}).items():
+                tensors[f"adam.{n}.{key}"] = v
+        tensors.update(density_state)
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        record = {
+            "step": self.step,
+            "elapsed_s": self.elapsed,
+            "config": cfg_dict(self.cfg),
+            "resolved": dataclasses.asdict(self.res),
+        }
+        cache_sha = cache_fingerprint(self.manifest)
+        write_checkpoint(self.out, self.step, tensors, record, cache_sha, self.cfg.keep_checkpoints)
+
+    def load_checkpoint(self, json_path: Path) -> None:
+        """Resume from a verified checkpoint, dropping what the interrupted run wrote after it."""
+        meta, t = read_checkpoint(json_path, self.cfg, self.manifest, self.out, self.sae)
+        with torch.no_grad():
+            for n, p in self.sae.named_parameters():
+                p.copy_(t[f"sae.{n}"])
+                pre = f"adam.{n}."
+                state = {
+                    k.split(".")[-1]: v.to(self.device) for k, v in t.items() if k.startswith(pre)
+                }
+                if state:
+                    self.opt.state[p] = state
+        self.density.load_state(t)
+        torch.set_rng_state(t["rng.torch"])
+        if "rng.cuda" in t and torch.cuda.is_available():
+            torch.cuda.set_rng_state(t["rng.cuda"])
+        self.step = meta["step"]
+        self.elapsed = meta["elapsed_s"]
+        self.last_checkpoint = self.step
+        if self.world.main:
+            drop_after(self.out, self.step)
+
+    # -- the loop --
+    def nan_error(self, what: str) -> SaekitError:
+        kept = (
+            f"the last good checkpoint (step {self.last_checkpoint}) is kept in {self.out / 'checkpoints'}"
+            if self.last_checkpoint is not None
+            else "no checkpoint was written yet"
+        )
+        return SaekitError(
+            f"{what} by step {self.step}; training stopped and {kept}; lower --lr (now {self.res.lr})"
+        )
+
+    def log(self, x, out, loss, fired, metrics_file, pbar) -> dict:
+        """Metrics at a log step: the only place (besides windows/checkpoints) that syncs."""
+        B = x.shape[0]
+        if self.world.size > 1:
+            loss, out, fired, var, B = self._reduce_log_values(x, out, loss, fired)
+        else:
+            var = (x - x.mean(0)).pow(2).sum(-1).mean()
+        loss_v = loss.item()
+        if not math.isfinite(loss_v):
+            raise self.nan_error(f"the loss became {loss_v}")
+        dens, _ = self.density.recent_density(self.res.steps_per_window * self.cfg.batch_size)
+        dead = dens <= self.cfg.dead_threshold
+        rare = ~dead & (dens < self.cfg.ultra_rare_threshold)
+        m = {
+            "step": self.step,
+            "tokens": self.step * self.cfg.batch_size,
+            "elapsed_s": round(self.elapsed, 3),
+            "loss": loss_v,
+            "mse": out.mse.item(),
+            "sparsity": out.sparsity.item(),
+            "l0": fired.sum().item() / B,
+            "fvu": (out.mse / var).item(),
+            "dead": int(dead.sum()),
+            "ultra_rare": int(rare.sum()),
+            "lr": self.lr_at(self.step - 1),
+            "l1_coef": self.l1_at(self.step - 1),
+        }
+        if self.arch.aux_loss != "none":
+            m["aux"] = out.aux.item()
+        if metrics_file is None:  # not rank 0
+            return m
+        metrics_file.write(json.dumps(m) + "\n")
+        metrics_file.flush()
+        if self.wandb is not None:
+            self.wandb.log(m, step=self.step)
+        pbar.set_postfix(loss=f"{loss_v:.4g}", l0=f"{m['l0']:.1f}", dead=m["dead"], refresh=False)
+        return m
+
+    def _reduce_log_values(self, x, out, loss, fired):
+        """The log step's loss terms, firing counts and input variance over all ranks' slices."""
+        B = x.shape[0]
+        xd = x.double()
+        terms = torch.stack([loss, out.mse, out.sparsity, out.aux]).double() * B
+        sums = torch.cat([terms, xd.pow(2).sum().view(1), xd.sum(0)])
+        torch.distributed.all_reduce(sums)
+        fired = fired.clone()
+        torch.distributed.all_reduce(fired)
+        B *= self.world.size
+        sums /= B
+        loss, mse, sparsity, aux = sums[:4]
+        var = sums[4] - sums[5:].pow(2).sum()
+        return loss, out._replace(mse=mse, sparsity=sparsity, aux=aux), fired, var, B
+
+    def train_step(self, x: torch.Tensor) -> StepOutput:
+        """One step on batch x (in cache units): loss and gradients, decoder-gradient projection,
+        Adam, decoder renormalisation, firing counts added to the history. No host sync."""
+        cfg, res, sae, arch = self.cfg, self.res, self.sae, self.arch
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(self.step)
+        if res.input_scale != 1.0:
+            x = x * res.input_scale
+        use_aux = arch.aux_loss != "none" and cfg.aux_coef > 0
+        dead_mask = self.density.dead_mask(self.step, res.dead_window) if use_aux else None
+        out = self.forward_backward(x, self.l1_at(self.step), dead_mask)
+        if self.world.size > 1:
+            average_grads(list(sae.parameters()), self.world)
+        if arch.unit_decoder:
+            sae.remove_parallel_decoder_grad()
+        if arch.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(list(sae.parameters()), arch.clip_grad)
+        self.opt.step()
+        if arch.unit_decoder:
+            sae.normalize_decoder()
+        self.step += 1
+        self.density.update(out.fired, self.step)
+        return out
+
+    def fit(self) -> dict:
+        cfg, res, sae, dens = self.cfg, self.res, self.sae, self.density
+        S = cfg.steps
+        resample_at = set(res.resample_steps)
+        params = list(sae.parameters())
+        last: dict = {}
+        main = self.world.main
+        pbar = tqdm(
+            total=S, initial=self.step, desc="train", unit="step", file=sys.stderr, disable=not main
+        )
+        metrics_file = open(self.out / "metrics.jsonl", "a") if main else None
+        t0 = time.perf_counter() - self.elapsed
+        stream = batches = self.reader.batches(start_batch=self.step)
+        if self.world.size > 1:
+            batches = local_slices(stream, self.world, self.device)
+        try:
+            for x in batches:
+                if self.step >= S:
+                    break
+                out = self.train_step(x)
+                loss, fired = out.loss, out.fired
+                pbar.update(1)
+
+                if self.step in resample_at:
+                    self.resample()
+                if self.step == S:
+                    dens.flush(self.step)
+                if self.step % cfg.log_every == 0 or self.step == S:
+                    self.elapsed = time.perf_counter() - t0
+                    x_in = x * res.input_scale if res.input_scale != 1.0 else x
+                    last = self.log(x_in, out, loss, fired, metrics_file, pbar)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < S:
+                    if not (torch.isfinite(loss) and all(torch.isfinite(p).all() for p in params)):
+                        raise self.nan_error("the loss or weights became NaN/inf")
+                    self.elapsed = time.perf_counter() - t0
+                    self.save_checkpoint()
+        finally:
+            stream.close()  # stops and joins the reader's thread
+            if metrics_file is not None:
+                metrics_file.close()
+            pbar.close()
+        self.elapsed = time.perf_counter() - t0
+        if not all(torch.isfinite(p).all() for p in params):
+            raise self.nan_error("the weights became NaN/inf")
+        return last
+
+    def resample(self) -> None:
+        cfg, res = self.cfg, self.res
+        dead = self.density.dead_mask(self.step, res.dead_window)
+        gen = torch.Generator().manual_seed(event_seed(cfg.seed, self.step))
+        inputs = self.reader.sample(res.resample_inputs, seed=event_seed(cfg.seed, self.step))
+        inputs = inputs.to(self.device, self.dtype) * res.input_scale
+        r = anthropic_resample(
+            self.sae,
+            self.opt,
+            inputs,
+            dead,
+            self.density.control_mask,
+            cfg.resample_holdout,
+            self.l1_at(self.step),
+            gen,
+        )
+        self.density.record_event(self.step, r.resampled, r.held_out)
+        if self.world.main:
+            tqdm.write(
+                f"step {self.step}: resampled {int(r.resampled.sum())} dead features, held out {int(r.held_out.sum())}",
+                file=sys.stderr,
+            )
+
+    def finish(self, last: dict) -> None:
+        cfg, res = self.cfg, self.res
+        meta = sae_metadata(self.manifest, cfg, cfg.arch, res.d_in, res.d_sae)
+        dens, tokens = self.density.recent_density(res.steps_per_window * cfg.batch_size)
+        atomic_save_safetensors(
+            self.out / "sparsity.safetensors",
+            {"sparsity": torch.log10(dens + 1e-10).float()},
+            {"tokens": str(tokens)},
+        )
+        self.density.save(
+            self.out / "density_history.safetensors",
+            {
+                "density_window": str(res.steps_per_window * cfg.batch_size),
+                "batch_size": str(cfg.batch_size),
+                "d_sae": str(res.d_sae),
+                "dead_window_steps": str(res.dead_window),
+            },
+        )
+        # Last, ending with saekit.json: its presence marks a finished run (a run killed while
+        # finishing resumes from its last checkpoint and writes every file again).
+        save_sae(self.sae, self.out, meta, input_scale=res.input_scale)
