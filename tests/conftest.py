@@ -150,6 +150,59 @@ def make_big_run(run: Path, d_sae: int = 16384, d_in: int = 512, n_windows: int 
     write_run(run, W_enc, bias, W_dec, hist, site="mlp_post")
 
 
+def write_synthetic_cache(out: Path, n_rows=100_000, d_in=512, n_true=1024, shard_rows=25_000,
+                          seed=0, complete=True, nan_shard=None) -> Path:  # fmt: skip
+    """A cache in the on-disk format holding sparse sums of random unit directions (optionally
+    incomplete, or with a NaN in one shard)."""
+    from saekit.activations.cache_files import write_cache
+
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(n_true, d_in, generator=g)
+    D /= D.norm(dim=1, keepdim=True)
+    p = torch.rand(n_true, generator=g) * 0.01
+    shards = []
+    for i, s in enumerate(range(0, n_rows, shard_rows)):
+        n = min(shard_rows, n_rows - s)
+        codes = (torch.rand(n, n_true, generator=g) < p) * torch.rand(n, n_true, generator=g) * 3
+        a = (codes @ D + 0.05 * torch.randn(n, d_in, generator=g)).relu().float()
+        if nan_shard == i:
+            a[0, 0] = float("nan")
+        shards.append({"activations": a, "tokens": torch.zeros(n), "context": torch.arange(s, s + n),
+                       "position": torch.ones(n)})  # fmt: skip
+    return write_cache(out, shards, complete=complete)
+
+
+@pytest.fixture
+def synthetic_cache():
+    """write_synthetic_cache(out, n_rows=..., d_in=..., ...) -> the cache dir."""
+    return write_synthetic_cache
+
+
+@pytest.fixture(scope="session")
+def mlp_post_cache(tmp_path_factory):
+    """mlp_post_cache(tokens) -> a cache of the default model's mlp_post, built once per session
+    for each size."""
+    from saekit.activations.cache import build_cache
+    from saekit.activations.cache_config import CacheConfig
+
+    made: dict[int, Path] = {}
+
+    def make(tokens: int) -> Path:
+        if tokens not in made:
+            out = tmp_path_factory.mktemp("cache") / "mlp_post"
+            cfg = CacheConfig(out=out, model="default", site="mlp_post", tokens=tokens)
+            made[tokens] = build_cache(cfg).path
+        return made[tokens]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def cache(mlp_post_cache) -> Path:
+    """100k tokens of the default model's mlp_post."""
+    return mlp_post_cache(100_000)
+
+
 @pytest.fixture
 def planted() -> SimpleNamespace:
     """Builders of planted data: geometry(d_sae, d_in), history(d_sae), write_run(run, ...),

@@ -31,19 +31,9 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """50k tokens of the default model's mlp_post (synthetic stand-in if the model is missing)."""
-    from tests.test_training import _default_model_available, write_synthetic_cache
-
-    out = tmp_path_factory.mktemp("cache") / "mlp_post"
-    if _default_model_available():
-        from saekit.activations.cache import build_cache
-        from saekit.activations.cache_config import CacheConfig
-
-        return build_cache(
-            CacheConfig(out=out, model="default", site="mlp_post", tokens=50_000)
-        ).path
-    return write_synthetic_cache(out, n_rows=50_000)
+def cache(mlp_post_cache) -> Path:
+    """50k tokens of the default model's mlp_post."""
+    return mlp_post_cache(50_000)
 
 
 def _args(cache: Path, dtype: str) -> list[str]:

@@ -2,8 +2,7 @@
 after kill -9, run-dir files, and the one-line errors.
 
 The end-to-end tests run on a real cache of the default model's mlp_post (100k tokens, built once
-per session). Until the default model is trained and committed they fall back to a synthetic
-cache in the same on-disk format (sparse combinations of random directions, d_in 512).
+per session: tests/conftest.py's `cache` fixture).
 """
 
 from __future__ import annotations
@@ -21,52 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saekit.activations.cache_files import write_cache
 from saekit.sae.errors import SaekitError
 from saekit.training.config import TrainConfig
 from saekit.training.resample import event_seed
 from saekit.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_synthetic_cache(out: Path, n_rows=100_000, d_in=512, n_true=1024, shard_rows=25_000,
-                          seed=0, complete=True, nan_shard=None) -> Path:  # fmt: skip
-    """A cache in activations/cache_format.py's format holding sparse sums of random unit directions."""
-    g = torch.Generator().manual_seed(seed)
-    D = torch.randn(n_true, d_in, generator=g)
-    D /= D.norm(dim=1, keepdim=True)
-    p = torch.rand(n_true, generator=g) * 0.01
-    shards = []
-    for i, s in enumerate(range(0, n_rows, shard_rows)):
-        n = min(shard_rows, n_rows - s)
-        codes = (torch.rand(n, n_true, generator=g) < p) * torch.rand(n, n_true, generator=g) * 3
-        a = (codes @ D + 0.05 * torch.randn(n, d_in, generator=g)).relu().float()
-        if nan_shard == i:
-            a[0, 0] = float("nan")
-        shards.append({"activations": a, "tokens": torch.zeros(n), "context": torch.arange(s, s + n),
-                       "position": torch.ones(n)})  # fmt: skip
-    return write_cache(out, shards, complete=complete)
-
-
-def _default_model_available() -> bool:
-    from saekit.activations.models import DEFAULT_MODEL_DIR
-
-    return DEFAULT_MODEL_DIR.is_dir() and any(DEFAULT_MODEL_DIR.glob("*.safetensors"))
-
-
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory) -> Path:
-    """100k tokens of the default model's mlp_post (synthetic stand-in if the model is missing)."""
-    out = tmp_path_factory.mktemp("cache") / "mlp_post"
-    if _default_model_available():
-        from saekit.activations.cache import build_cache
-        from saekit.activations.cache_config import CacheConfig
-
-        return build_cache(
-            CacheConfig(out=out, model="default", site="mlp_post", tokens=100_000)
-        ).path
-    return write_synthetic_cache(out)
 
 
 def _cfg(cache: Path, out: Path, **kw) -> TrainConfig:
@@ -223,7 +182,7 @@ def test_other_archs_train_and_load_in_saelens(cache, tmp_path, arch):
         assert torch.allclose(theirs(x), ours.decode(ours.encode(x)), atol=1e-4)
 
 
-def test_errors_are_one_line_and_leave_no_run_dir(cache, tmp_path):
+def test_errors_are_one_line_and_leave_no_run_dir(cache, synthetic_cache, tmp_path):
     out = tmp_path / "run"
     bad = [
         (dict(d_in=100), "does not match the cache's width"),
@@ -241,10 +200,10 @@ def test_errors_are_one_line_and_leave_no_run_dir(cache, tmp_path):
         assert "\n" not in str(e.value)
         assert not out.exists()
 
-    incomplete = write_synthetic_cache(tmp_path / "inc", n_rows=2000, d_in=8, complete=False)
+    incomplete = synthetic_cache(tmp_path / "inc", n_rows=2000, d_in=8, complete=False)
     with pytest.raises(SaekitError, match="incomplete"):
         train(_cfg(incomplete, out))
-    nan = write_synthetic_cache(tmp_path / "nan", n_rows=4000, d_in=8, shard_rows=1000, nan_shard=2)
+    nan = synthetic_cache(tmp_path / "nan", n_rows=4000, d_in=8, shard_rows=1000, nan_shard=2)
     with pytest.raises(SaekitError, match="shard-00002.safetensors"):
         train(_cfg(nan, out, features=16, batch_size=100, steps=100))
     assert not out.exists()
