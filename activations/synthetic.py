@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -158,14 +159,26 @@ def read_synthetic_config(path: str | Path) -> SyntheticConfig:
     try:
         text = p.read_text()
         if p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _yaml_load(text)
         else:
             data = json.loads(text)
     except Exception as e:  # JSON, YAML or UTF-8 errors
         raise SaekitError(f"synthetic config {path} is not valid JSON/YAML ({e})") from None
     return SyntheticConfig.from_dict(data, where=f"synthetic config {path}")
+
+
+def _yaml_load(text: str) -> Any:
+    """yaml.safe_load, but reading 1e-7 as a number (YAML 1.1, PyYAML's, wants 1.0e-7)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    num = (
+        r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+    )
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(num), list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _power_law(n: int, p_max: float, p_min: float, beta: float) -> np.ndarray:
@@ -369,26 +382,33 @@ class SyntheticSource:
             raise SaekitError(f"batch {i} of {rows} rows: need a batch index >= 0 and rows >= 1")
 
     # -- the stream --
-    def batch(self, i: int, batch_size: int) -> SyntheticBatch:
-        """Batch i: rows and their exact active sets, a pure function of (seed, i, batch_size)."""
+    def _stream_rng(self, i: int, batch_size: int, stream: int) -> np.random.Generator:
+        """Batch i's generator; stream 0 is the default stream, others (a trainer's --seed) are
+        independent streams of the same features."""
         self._check(i, batch_size)
-        return self._make(self._rng(_ACTIVE, i, batch_size), batch_size)
+        if stream < 0:
+            raise SaekitError(f"stream {stream}: need a stream (seed) >= 0")
+        key = (_ACTIVE, i, batch_size) if stream == 0 else (_ACTIVE, i, batch_size, stream)
+        return self._rng(*key)
 
-    def active(self, i: int, batch_size: int) -> ActiveSet:
+    def batch(self, i: int, batch_size: int, stream: int = 0) -> SyntheticBatch:
+        """Batch i: rows and their exact active sets, a pure function of (seed, stream, i, batch_size)."""
+        return self._make(self._stream_rng(i, batch_size, stream), batch_size)
+
+    def active(self, i: int, batch_size: int, stream: int = 0) -> ActiveSet:
         """Batch i's active sets (equal to `batch(i, batch_size).active`), without building x."""
-        self._check(i, batch_size)
-        return self._make(self._rng(_ACTIVE, i, batch_size), batch_size, with_x=False).active
+        rng = self._stream_rng(i, batch_size, stream)
+        return self._make(rng, batch_size, with_x=False).active
 
-    def noise(self, i: int, batch_size: int) -> Tensor:
+    def noise(self, i: int, batch_size: int, stream: int = 0) -> Tensor:
         """Batch i's noise: x = mu + noise + the sum over its active set of magnitude x direction."""
-        self._check(i, batch_size)
-        z = self._z(int(self._rng(_ACTIVE, i, batch_size).integers(2**62)), batch_size)
+        z = self._z(int(self._stream_rng(i, batch_size, stream).integers(2**62)), batch_size)
         return z.mul_(self.noise_scale)
 
-    def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[Tensor]:
+    def batches(self, batch_size: int, start_batch: int = 0, stream: int = 0) -> Iterator[Tensor]:
         """x of batches start_batch, start_batch + 1, ... forever (what a trainer consumes)."""
         for i in itertools.count(start_batch):
-            yield self.batch(i, batch_size).x
+            yield self.batch(i, batch_size, stream).x
 
     def sample(self, n_rows: int, seed: int) -> Tensor:
         """[n_rows, d_in] rows from a stream of their own (the geometric median, resampling)."""
