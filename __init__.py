@@ -45,8 +45,8 @@ def load_cache(path: str) -> Cache:
 
 
 def train(source: Any = None, **config: Any) -> Run:
-    """Train an SAE (`saekit train`): `source` is a Cache or a cache dir; `out=` and any
-    TrainConfig field."""
+    """Train an SAE (`saekit train`): `source` is a Cache, a cache dir, a SyntheticConfig or a
+    SyntheticSource (or give model= for a live model); `out=` and any TrainConfig field."""
     from .training.run import train_api
 
     return train_api(source, **config)

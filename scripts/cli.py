@@ -40,7 +40,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "saekit.activations.cache_workers:merge_cache",
     ),
     "train": (
-        "train a sparse autoencoder on a cache",
+        "train a sparse autoencoder on a cache, a live model or synthetic activations",
         "saekit.training.config:TrainConfig",
         "saekit.training.trainer:train",
     ),

@@ -9,7 +9,6 @@ the config and the checksums resuming verifies. What goes in them is the Trainer
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import Any
 
 import torch
 
-from ..activations.cache_format import entry_checksum
 from ..sae.errors import SaekitError
 from ..sae.io import (
     atomic_save_safetensors,
@@ -33,18 +31,13 @@ from .config import TrainConfig
 RESUME_FIELDS = (
     "arch", "features", "expansion", "steps", "batch_size", "lr", "l1_coef", "k", "k_aux",
     "aux_coef", "resample", "resample_steps", "dead_window", "resample_inputs",
-    "resample_holdout", "density_window", "seed", "dtype",
+    "resample_holdout", "density_window", "seed", "dtype", "include_bos", "model_batch_size",
+    "buffer_tokens",
 )  # fmt: skip
 
 
 def cfg_dict(cfg: TrainConfig) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
-
-
-def cache_fingerprint(manifest: dict) -> str:
-    """The identity of a cache's contents (its shards' hashes, in order), not of its path."""
-    shards = manifest.get("shards") or []
-    return hashlib.sha256("\n".join(entry_checksum(s) for s in shards).encode()).hexdigest()
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -64,7 +57,7 @@ def _metrics_step(line: str) -> float:
 
 
 def write_checkpoint(
-    out: Path, step: int, tensors: dict[str, torch.Tensor], record: dict, cache_sha: str, keep: int
+    out: Path, step: int, tensors: dict[str, torch.Tensor], record: dict, source_sha: str, keep: int
 ) -> None:
     """checkpoints/step-N.safetensors, then its JSON (`record` + the checksums resuming verifies);
     then only the newest `keep` checkpoints are kept (0: all)."""
@@ -72,9 +65,9 @@ def write_checkpoint(
     ck.mkdir(exist_ok=True)
     stem = ck / f"step-{step:08d}"
     sha = atomic_save_safetensors(stem.with_suffix(".safetensors"), tensors)
-    # what resuming verifies: the tensors file, and the cache the run trains on
+    # what resuming verifies: the tensors file, and the source the run trains on
     atomic_write_json(
-        stem.with_suffix(".json"), {**record, "sha256": sha, "cache_sha256": cache_sha}
+        stem.with_suffix(".json"), {**record, "sha256": sha, "source_sha256": source_sha}
     )
     if keep:
         for old in sorted(ck.glob("step-*.json"))[:-keep]:
@@ -82,8 +75,8 @@ def write_checkpoint(
             old.unlink(missing_ok=True)
 
 
-def _verified_record(json_path: Path, cfg: TrainConfig, manifest: dict, out: Path) -> dict:
-    """The checkpoint's JSON, after checking it belongs to this run, its settings and its cache."""
+def _verified_record(json_path: Path, cfg: TrainConfig, source, out: Path) -> dict:
+    """The checkpoint's JSON, after checking it belongs to this run, its settings and its source."""
     st_path = json_path.with_suffix(".safetensors")
     try:
         meta = json.loads(json_path.read_text())
@@ -94,16 +87,22 @@ def _verified_record(json_path: Path, cfg: TrainConfig, manifest: dict, out: Pat
         raise SaekitError(
             f"checkpoint {json_path} is not a saekit checkpoint record (corrupt or edited); delete it (and {st_path.name}) to resume from the one before"
         ) from None
-    diff = [f for f in RESUME_FIELDS if saved.get(f) != getattr(cfg, f)]
+    # a field newer than the checkpoint had its default then
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    was = {f: saved.get(f, defaults.get(f)) for f in RESUME_FIELDS}
+    diff = [f for f in RESUME_FIELDS if was[f] != getattr(cfg, f)]
     if diff:
-        changes = ", ".join(f"{f}: {saved.get(f)!r} -> {getattr(cfg, f)!r}" for f in diff)
+        changes = ", ".join(f"{f}: {was[f]!r} -> {getattr(cfg, f)!r}" for f in diff)
         raise SaekitError(
             f"cannot resume {out} from checkpoint {json_path} with different settings ({changes}); use the original flags"
         )
-    cache_sha = meta.get("cache_sha256")
-    if cache_sha is not None and cache_sha != cache_fingerprint(manifest):
+    # cache_sha256: checkpoints written before training read other sources (always a cache)
+    saved_sha = meta.get("source_sha256", meta.get("cache_sha256"))
+    if saved_sha is not None and saved_sha != source.fingerprint():
+        now = {"cache": f"--cache {cfg.cache}", "synthetic": "this synthetic spec",
+               "live": f"--model {cfg.model} at this site and dataset"}.get(source.kind, "this source")  # fmt: skip
         raise SaekitError(
-            f"checkpoint {json_path} was written while training on another cache than --cache {cfg.cache} (its shards differ); resume with the original --cache"
+            f"checkpoint {json_path} was written while training on another source than {now} (its fingerprint differs); resume with the original source flags"
         )
     if meta.get("sha256") is not None and st_path.is_file():
         if sha256_file(st_path) != meta["sha256"]:
@@ -114,11 +113,11 @@ def _verified_record(json_path: Path, cfg: TrainConfig, manifest: dict, out: Pat
 
 
 def read_checkpoint(
-    json_path: Path, cfg: TrainConfig, manifest: dict, out: Path, sae: SAE
+    json_path: Path, cfg: TrainConfig, source, out: Path, sae: SAE
 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A checkpoint's record and tensors, verified against this run (settings, cache, checksum,
+    """A checkpoint's record and tensors, verified against this run (settings, source, checksum,
     the SAE's parameters and shape); SaekitError in one line naming the file otherwise."""
-    meta = _verified_record(json_path, cfg, manifest, out)
+    meta = _verified_record(json_path, cfg, source, out)
     st_path = json_path.with_suffix(".safetensors")
     t = load_safetensors(st_path)
     names = [n for n, _ in sae.named_parameters()]
@@ -130,7 +129,7 @@ def read_checkpoint(
         )
     if t["sae.W_enc"].shape != sae.W_enc.shape:
         raise SaekitError(
-            f"checkpoint {json_path.name} has W_enc {tuple(t['sae.W_enc'].shape)} but the cache gives {tuple(sae.W_enc.shape)}; resume on the original cache"
+            f"checkpoint {json_path.name} has W_enc {tuple(t['sae.W_enc'].shape)} but the source gives {tuple(sae.W_enc.shape)}; resume on the original source"
         )
     return meta, t
 

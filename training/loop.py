@@ -1,4 +1,4 @@
-"""The training loop: `Trainer` steps an SAE over a cache reader and writes the run dir's files.
+"""The training loop: `Trainer` steps an SAE over an activation source and writes the run dir's files.
 
 A step (`Trainer.train_step`) is: read a batch (prefetched by the reader), loss and gradients
 (sae/fast_step.py), decoder-gradient projection, Adam, decoder renormalisation, firing counts
@@ -22,7 +22,7 @@ from ..sae.errors import SaekitError
 from ..sae.fast_step import FastStep, StepOutput
 from ..sae.io import atomic_save_safetensors, save_sae
 from ..sae.model import SAE, SAEConfig, geometric_median
-from .checkpoint import cache_fingerprint, cfg_dict, drop_after, read_checkpoint, write_checkpoint
+from .checkpoint import cfg_dict, drop_after, read_checkpoint, write_checkpoint
 from .config import GEOMEDIAN_ROWS, ResolvedConfig, TrainConfig
 from .density import DensityTracker
 from .distributed import ReducedDensityTracker, World, average_grads, local_slices
@@ -31,24 +31,21 @@ from .resample import anthropic_resample, event_seed
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
-def sae_metadata(manifest: dict, cfg: TrainConfig, arch: str, d_in: int, d_sae: int) -> dict:
-    """cfg.json's metadata: where the activations came from (docs/architecture.md, sae/io.py)."""
+def sae_metadata(source, cfg: TrainConfig, arch: str, d_in: int, d_sae: int) -> dict:
+    """cfg.json's metadata: where the activations came from (docs/architecture.md, sae/io.py),
+    never by a path of the machine that trained."""
+    meta = source.metadata()
+    train_config = {**cfg_dict(cfg), "out": None}
+    train_config["cache"] = Path(cfg.cache).name if cfg.cache is not None else None
+    if cfg.synthetic:  # files by name; the full spec is in metadata.source.spec
+        train_config["synthetic"] = [s if "=" in s else Path(s).name for s in cfg.synthetic]
     return {
-        "model_name": manifest.get("model"),
-        "hook_name": manifest.get("hook_name") or manifest.get("hook"),
-        "site": manifest.get("site"),
-        "layer": manifest.get("layer"),
-        # The cache by name and content, never by a path of the machine that trained.
-        "cache": Path(cfg.cache).name,
-        "cache_fingerprint": cache_fingerprint(manifest),
-        "include_bos": bool(manifest.get("include_bos", False)),
-        "context_size": manifest.get("context_size"),
-        "dataset": manifest.get("dataset"),
+        **meta,
         "prepend_bos": True,
         "arch": arch,
         "d_in": d_in,
         "d_sae": d_sae,
-        "train_config": {**cfg_dict(cfg), "cache": Path(cfg.cache).name, "out": None},
+        "train_config": train_config,
     }
 
 
@@ -57,12 +54,12 @@ class Trainer:
         self,
         cfg: TrainConfig,
         res: ResolvedConfig,
-        reader,
-        manifest: dict,
+        source,
         out: Path,
         world: World | None = None,
     ):
-        self.cfg, self.res, self.reader, self.manifest, self.out = cfg, res, reader, manifest, out
+        # source: activations/source.py's Source (a cache, synthetic activations, a live model)
+        self.cfg, self.res, self.source, self.out = cfg, res, source, out
         # Data-parallel ranks (training/distributed.py); only rank 0 writes.
         self.world = world or World()
         self.device = torch.device(cfg.device)
@@ -100,8 +97,8 @@ class Trainer:
     @torch.no_grad()
     def init_fresh(self) -> None:
         if self.arch.b_dec_init == "geometric_median":
-            n = min(GEOMEDIAN_ROWS, self.res.n_rows)
-            x = self.reader.sample(n, seed=self.cfg.seed).to(self.device, torch.float32)
+            n = min(GEOMEDIAN_ROWS, self.res.n_rows or GEOMEDIAN_ROWS)
+            x = self.source.sample(n, self.cfg.seed, self.dtype).to(self.device, torch.float32)
             self.sae.b_dec.copy_(geometric_median(x).to(self.dtype))
 
     # -- checkpoints (training/checkpoint.py owns the files) --
@@ -125,12 +122,14 @@ class Trainer:
             "config": cfg_dict(self.cfg),
             "resolved": dataclasses.asdict(self.res),
         }
-        cache_sha = cache_fingerprint(self.manifest)
-        write_checkpoint(self.out, self.step, tensors, record, cache_sha, self.cfg.keep_checkpoints)
+        fingerprint = self.source.fingerprint()
+        write_checkpoint(
+            self.out, self.step, tensors, record, fingerprint, self.cfg.keep_checkpoints
+        )
 
     def load_checkpoint(self, json_path: Path) -> None:
         """Resume from a verified checkpoint, dropping what the interrupted run wrote after it."""
-        meta, t = read_checkpoint(json_path, self.cfg, self.manifest, self.out, self.sae)
+        meta, t = read_checkpoint(json_path, self.cfg, self.source, self.out, self.sae)
         with torch.no_grad():
             for n, p in self.sae.named_parameters():
                 p.copy_(t[f"sae.{n}"])
@@ -250,7 +249,11 @@ class Trainer:
         )
         metrics_file = open(self.out / "metrics.jsonl", "a") if main else None
         t0 = time.perf_counter() - self.elapsed
-        stream = batches = self.reader.batches(start_batch=self.step)
+        # Distributed ranks slice each global batch on the host, then move their slice.
+        device = cfg.device if self.world.size == 1 else "cpu"
+        stream = batches = self.source.batches(
+            cfg.batch_size, cfg.seed, start_batch=self.step, device=device, dtype=self.dtype
+        )
         if self.world.size > 1:
             batches = local_slices(stream, self.world, self.device)
         try:
@@ -288,7 +291,9 @@ class Trainer:
         cfg, res = self.cfg, self.res
         dead = self.density.dead_mask(self.step, res.dead_window)
         gen = torch.Generator().manual_seed(event_seed(cfg.seed, self.step))
-        inputs = self.reader.sample(res.resample_inputs, seed=event_seed(cfg.seed, self.step))
+        inputs = self.source.sample(
+            res.resample_inputs, event_seed(cfg.seed, self.step), self.dtype
+        )
         inputs = inputs.to(self.device, self.dtype) * res.input_scale
         r = anthropic_resample(
             self.sae,
@@ -309,7 +314,7 @@ class Trainer:
 
     def finish(self, last: dict) -> None:
         cfg, res = self.cfg, self.res
-        meta = sae_metadata(self.manifest, cfg, cfg.arch, res.d_in, res.d_sae)
+        meta = sae_metadata(self.source, cfg, cfg.arch, res.d_in, res.d_sae)
         dens, tokens = self.density.recent_density(res.steps_per_window * cfg.batch_size)
         atomic_save_safetensors(
             self.out / "sparsity.safetensors",

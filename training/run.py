@@ -158,13 +158,23 @@ class Run:
 
 
 def train_api(source: Any = None, **config: Any) -> Run:
-    """`saekit.train(cache, out=..., ...)`: `source` is a Cache (anything with `.path`) or a cache
-    dir; the other keywords are TrainConfig's fields."""
+    """`saekit.train(source, out=..., ...)`: `source` is a Cache (anything with `.path`), a cache
+    dir, a SyntheticConfig or a SyntheticSource (or None, with cache=, model= or synthetic= among
+    the keywords); the other keywords are TrainConfig's fields."""
+    from ..activations.source import SyntheticStream
+    from ..activations.synthetic import SyntheticConfig, SyntheticSource
     from .config import TrainConfig
     from .trainer import train
 
-    if source is not None:
+    opened = None
+    if isinstance(source, (SyntheticConfig, SyntheticSource)):
+        opened = SyntheticStream(source)
+        config["model"] = "synthetic"
+    elif source is not None:
         config["cache"] = str(getattr(source, "path", source))
-    if "cache" not in config or "out" not in config:
-        raise SaekitError("saekit.train needs a cache (first argument) and out=")
-    return Run.open(train(TrainConfig(**config)))
+    if "out" not in config:
+        raise SaekitError("saekit.train needs out= (the run dir to write)")
+    cfg = TrainConfig(**config)
+    if opened is not None and cfg.source_kind() != "synthetic":
+        raise SaekitError("saekit.train: a synthetic source and cache=/model= conflict; give one")
+    return Run.open(train(cfg, opened))

@@ -1,12 +1,14 @@
-"""`saekit train`: check the config and the cache, prepare the run dir, run the loop.
+"""`saekit train`: check the config and the source, prepare the run dir, run the loop.
 
-`train(cfg)` reads a cache and writes a run dir (design.md, docs/architecture.md); the loop
+`train(cfg)` reads a source (a cache, synthetic activations or a live model: activations/source.py)
+and writes a run dir (design.md, docs/architecture.md); the loop
 itself is training/loop.py's `Trainer`, its checkpoints training/checkpoint.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -16,19 +18,7 @@ from ..sae.io import SAEKIT_FILE
 from . import distributed
 from .checkpoint import cfg_dict, latest_checkpoint
 from .config import TrainConfig, check_memory
-from .loop import DTYPES, Trainer
-
-
-def _manifest_info(manifest: dict) -> tuple[int, float, int]:
-    try:
-        d_in = int(manifest["d_in"])
-        mean_norm = float(manifest["stats"]["mean_norm"])
-    except (KeyError, TypeError, ValueError):
-        raise SaekitError(
-            "the cache manifest lacks d_in or stats.mean_norm; rebuild the cache with `saekit cache`"
-        ) from None
-    n_rows = manifest.get("n_tokens") or sum(int(s["rows"]) for s in manifest.get("shards", []))
-    return d_in, mean_norm, int(n_rows)
+from .loop import Trainer
 
 
 def _prepare_out(cfg: TrainConfig) -> tuple[Path, Path | None, bool]:
@@ -53,19 +43,40 @@ def _prepare_out(cfg: TrainConfig) -> tuple[Path, Path | None, bool]:
     return out, None, not nonempty and not out.exists()
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train an SAE on `cfg.cache` and write the run dir `cfg.out`; returns its path."""
-    from ..activations.cache_format import read_manifest
+def open_source(cfg: TrainConfig, kind: str | None = None):
+    """The activation source the flags name (activations/source.py), checked."""
+    from ..activations.source import CacheSource, SyntheticStream, parse_synthetic
 
-    if not Path(cfg.cache).is_dir():
-        raise SaekitError(f"--cache {cfg.cache} is not a directory; build one with `saekit cache`")
-    manifest = read_manifest(cfg.cache)
-    if manifest.get("complete") is False:
-        raise SaekitError(
-            f"cache {cfg.cache} is incomplete; finish it by re-running `saekit cache`"
-        )
-    d_in, mean_norm, n_rows = _manifest_info(manifest)
-    res = cfg.resolve(d_in, mean_norm, n_rows)
+    kind = kind or cfg.source_kind()
+    if kind == "cache":
+        return CacheSource(cfg.cache)
+    if kind == "synthetic":
+        return SyntheticStream(parse_synthetic(cfg.synthetic))
+    from ..activations.live import LiveSource
+
+    needed = cfg.steps * cfg.batch_size  # tokenise enough of a big corpus for the whole run
+    ctx = cfg.context_size or 128
+    return LiveSource(
+        model=cfg.model, site=cfg.site or "mlp_post", layer=cfg.layer or 0, hook=cfg.hook,
+        dataset=cfg.dataset or "default", split=cfg.split or "train",
+        text_column=cfg.text_column or "text", context_size=ctx,
+        model_batch_size=cfg.model_batch_size, buffer_tokens=cfg.buffer_tokens,
+        include_bos=cfg.include_bos, device=cfg.device,
+        max_tokens=math.ceil(needed * 1.1 * ctx / (ctx - 1)),
+    )  # fmt: skip
+
+
+def train(cfg: TrainConfig, source=None) -> Path:
+    """Train an SAE on the source the flags name (or `source`, an opened activations/source.py
+    Source) and write the run dir `cfg.out`; returns its path."""
+    kind = cfg.source_kind() if source is None else source.kind
+    if kind == "live":  # every check that needs no model first: loading one takes seconds
+        cfg.resolve(cfg.d_in or 1, 1.0, None)
+        check_device(cfg.device)
+        _prepare_out(cfg)
+    if source is None:
+        source = open_source(cfg, kind)
+    res = cfg.resolve(source.d_in, source.mean_norm, source.n_rows)
     check_device(cfg.device)
     wandb = None
     if cfg.wandb_project:
@@ -84,29 +95,26 @@ def train(cfg: TrainConfig) -> Path:
     out, ckpt, _ = _prepare_out(cfg)
     world, device_name = distributed.init(cfg.device)
     try:
-        return _train(cfg, res, manifest, out, ckpt, world, device_name, wandb)
+        return _train(cfg, res, source, out, ckpt, world, device_name, wandb)
     finally:
         distributed.close()
+        source.close()
 
 
-def _train(cfg, res, manifest, out, ckpt, world, device_name, wandb) -> Path:
-    from ..activations.cache_reader import CacheReader
-
+def _train(cfg, res, source, out, ckpt, world, device_name, wandb) -> Path:
     if device_name != cfg.device:
         cfg = dataclasses.replace(cfg, device=device_name)
-    # Distributed ranks slice each global batch on the host, then move their slice.
-    reader_device = cfg.device if world.size == 1 else "cpu"
-    reader = CacheReader(
-        cfg.cache, cfg.batch_size, seed=cfg.seed, device=reader_device, dtype=DTYPES[cfg.dtype]
-    )
     created = not out.exists()
     distributed.barrier(world)  # every rank has checked --out before rank 0 changes it
     if world.main:
         if cfg.overwrite and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
+        truth = source.ground_truth()
+        if truth is not None:  # synthetic: the true features, next to the run that learns them
+            truth.save(out)
     distributed.barrier(world)
-    trainer = Trainer(cfg, res, reader, manifest, out, world)
+    trainer = Trainer(cfg, res, source, out, world)
     try:
         if ckpt is not None:
             trainer.load_checkpoint(ckpt)
