@@ -12,12 +12,15 @@ The pieces, each importing only those above it:
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from ..sae.errors import SaekitError
 from .cache_config import CacheConfig
 from .cache_format import read_manifest
 from .cache_reader import CacheReader
@@ -81,10 +84,76 @@ class Cache:
         )
 
 
+SYNTHETIC_BATCH = 4096  # a synthetic cache's rows are the generator's batches of this size
+
+
+def build_synthetic_cache(cfg: CacheConfig) -> Cache:
+    """`saekit cache --model synthetic`: --tokens rows of the generator's stream --seed, in
+    order (row r is row r mod 4096 of batch r div 4096), with its ground truth saved beside them
+    (synthetic.json, synthetic.safetensors). Made anew on --resume: it is cheap to make."""
+    from ..sae.io import atomic_write_json
+    from .cache_config import check_config, check_out, clear_dir, shard_rows
+    from .cache_files import write_safetensors
+    from .cache_format import CHECKSUM, FORMAT_VERSION, MANIFEST, set_shards
+    from .source import parse_synthetic
+    from .synthetic import SyntheticSource
+
+    if cfg.model not in ("default", "synthetic") or cfg.hook or cfg.num_workers > 1:
+        raise SaekitError(
+            "--synthetic makes the activations itself: drop --model, --hook and --num-workers"
+        )
+    check_config(cfg)
+    if cfg.dtype != "float32":
+        raise SaekitError("a synthetic cache is float32; drop --dtype")
+    out = Path(cfg.out)
+    check_out(out, cfg)
+    source = SyntheticSource(parse_synthetic(cfg.synthetic))
+    if out.is_dir():
+        clear_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    source.save(out)
+    per_shard, B = shard_rows(cfg, source.d_in), SYNTHETIC_BATCH
+    entries, row = [], 0
+    bar = tqdm(total=cfg.tokens, unit="tok", unit_scale=True, desc="cache", file=sys.stderr)
+    while row < cfg.tokens:
+        n = min(per_shard, cfg.tokens - row)
+        rows = torch.arange(row, row + n)
+        first, last = row // B, (row + n - 1) // B
+        x = torch.cat([source.batch(i, B, stream=cfg.seed).x for i in range(first, last + 1)])
+        x = x[row - first * B : row - first * B + n]
+        t = {"activations": x, "tokens": torch.full((n,), -1, dtype=torch.int32),
+             "context": rows // B, "position": (rows % B).to(torch.int32)}  # fmt: skip
+        name = f"shard-{len(entries):05d}.safetensors"
+        nbytes, digest = write_safetensors(out / name, t)
+        entries.append({"file": name, "rows": n, "bytes": nbytes, CHECKSUM: digest,
+                        "norm_sum": float(x.double().norm(dim=1).sum())})  # fmt: skip
+        row += n
+        bar.update(n)
+    bar.close()
+    manifest = {
+        "format": "saekit-activation-cache", "format_version": FORMAT_VERSION,
+        "model": "synthetic", "site": None, "hook_name": "synthetic", "layer": None,
+        "d_in": source.d_in, "dtype": "float32", "context_size": None,
+        "dataset": {"name": "synthetic", "spec": source.cfg.to_dict()}, "seed": cfg.seed,
+        "target_tokens": cfg.tokens, "include_bos": False, "synthetic_batch": B,
+        "columns": "tokens -1 (no token); context: the generator's batch index; position: the row in it",
+        "complete": True, "stats": {},
+    }  # fmt: skip
+    set_shards(manifest, entries)
+    atomic_write_json(out / MANIFEST, manifest)
+    print(
+        f"saekit cache: {cfg.tokens:,} synthetic rows (d_in {source.d_in}, {source.n_true} true features) -> {out}"
+    )
+    return Cache.open(out)
+
+
 def build_cache(cfg: CacheConfig) -> Cache | dict[str, Cache]:
     """Cache the activations of `cfg.site` (or `cfg.hook`): the Cache in `cfg.out`, or with
     several sites, {site name: its Cache in a sub-dir of `cfg.out`}. Split over workers, each
-    worker returns its own dir's Cache, and the one that merges returns the merged one."""
+    worker returns its own dir's Cache, and the one that merges returns the merged one.
+    `--model synthetic` / `--synthetic`: `build_synthetic_cache`."""
+    if cfg.model == "synthetic" or cfg.synthetic is not None:
+        return build_synthetic_cache(cfg)
     index, count = worker_of(cfg)
     if count > 1:  # split over workers (activations/cache_workers.py)
         return Cache.open(build_cache_worker(cfg, index, count))

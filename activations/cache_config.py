@@ -28,7 +28,9 @@ class CacheConfig:
     out: Path
     """Output directory (must be empty or missing, unless --resume or --overwrite)."""
     model: str = "default"
-    """default | smollm2-135m | a TransformerLens model name | a local Hugging Face model dir."""
+    """default | smollm2-135m | a TransformerLens model name | a local Hugging Face model dir | synthetic (synthetic activations with known features: --synthetic's spec or its defaults)."""
+    synthetic: list[str] | None = None
+    """Cache synthetic activations (implies --model synthetic): JSON/YAML files of SyntheticConfig fields and/or FIELD=VALUE items, later ones winning. Row r is row r mod 4096 of the generator's batch r div 4096 (stream --seed): the cache's context column holds that batch index, position the row in it, tokens -1."""
     site: str = "mlp_post"
     """Site(s), comma-separated: mlp_post, mlp_out, resid_pre, resid_mid, resid_post, attn_out,
     mlp_out_logits. Several sites share one forward pass and get one sub-dir each under --out."""
@@ -128,7 +130,7 @@ def _ours(path: Path) -> bool:
     if path.is_dir():
         return all(_ours(p) for p in path.iterdir())
     return (
-        n in (MANIFEST, CONTEXTS)
+        n in (MANIFEST, CONTEXTS, "synthetic.json", "synthetic.safetensors")
         or ".tmp-" in n
         or (n.startswith("shard-") and n.endswith(".safetensors"))
     )
