@@ -25,8 +25,12 @@ class DiagnoseConfig:
     cache: str | None = None
     """cache dir: measure every feature's density afresh on --tokens rows from the end of the
     cache (instead of the last training window) and show top-activating contexts"""
+    synthetic: list[str] | None = None
+    """measure every feature's density afresh on --tokens fresh synthetic rows: of the run's own
+    synthetic source (--synthetic alone) or of a spec (JSON/YAML files and/or FIELD=VALUE
+    items). A run on synthetic activations is scored against its true features either way."""
     tokens: int = 200_000
-    """with --cache: how many cache rows (tokens) to measure density on"""
+    """with --cache or --synthetic: how many rows (tokens) to measure density on"""
     batch_size: int = 4096
     """with --cache: rows per SAE forward pass"""
     dead_threshold: float = 0.0
@@ -129,6 +133,12 @@ def check_inputs(cfg: DiagnoseConfig) -> Path:
         )
     out = check_out(cfg)
     check_config(cfg)
+    if cfg.cache is not None and cfg.synthetic is not None:
+        raise SaekitError("--cache and --synthetic both give fresh rows; pass one of them")
+    if cfg.synthetic == [] and not (run / "synthetic.json").is_file():
+        raise SaekitError(
+            f"--synthetic alone measures on the run's synthetic source, but {run} has none (no synthetic.json); pass a spec or drop --synthetic"
+        )
     if cfg.cache is not None and not Path(cfg.cache).is_dir():
         raise SaekitError(
             f"--cache {cfg.cache} is not a directory; pass a cache dir from `saekit cache`"

@@ -62,20 +62,39 @@ def load_inputs(cfg: DiagnoseConfig) -> RunInputs:
         check_cache_of_run(Path(cfg.cache), read_manifest(cfg.cache), meta, run)
     hist_path = run / "density_history.safetensors"
     hist = load_history(hist_path, d_sae) if hist_path.is_file() else None
-    if hist is None and cfg.cache is None:
+    fresh = cfg.cache is not None or cfg.synthetic is not None
+    if cfg.synthetic is not None and meta.get("d_in") not in (None, _spec_d_in(cfg, run)):
         raise SaekitError(
-            f"{run} has no density_history.safetensors; pass --cache to measure density afresh"
+            f"--synthetic makes rows of width {_spec_d_in(cfg, run)} but the SAE in {run} reads {meta.get('d_in')}; use the run's spec"
         )
-    if hist is not None and len(hist.counts) == 0 and cfg.cache is None:
+    if hist is None and not fresh:
+        raise SaekitError(
+            f"{run} has no density_history.safetensors; pass --cache (or --synthetic) to measure density afresh"
+        )
+    if hist is not None and len(hist.counts) == 0 and not fresh:
         raise SaekitError(f"{hist_path} holds no windows (training too short); pass --cache")
     control = hist.control_mask if hist is not None else torch.zeros(d_sae, dtype=torch.bool)
     return RunInputs(run, sae, meta, hist, last_metrics(run / "metrics.jsonl"), control)
 
 
+def _spec_d_in(cfg: DiagnoseConfig, run: Path) -> int:
+    from ..activations.source import parse_synthetic
+    from ..activations.synthetic import SyntheticSource
+
+    if cfg.synthetic:
+        return parse_synthetic(cfg.synthetic).d_in
+    return SyntheticSource.load(run).d_in
+
+
+def synthetic_run(meta: dict) -> bool:
+    """Whether the run trained on synthetic activations (no model: no logits, no contexts)."""
+    return meta.get("model_name") == "synthetic"
+
+
 def load_run_model(cfg: DiagnoseConfig, meta: dict, warnings: list[str]) -> tuple[Any, list[str]]:
     """The run's model and its token texts, for logit weights and contexts (loaded before any
     long work: it fails fast when offline). (None, []) when neither needs it."""
-    if not (cfg.logits or cfg.cache is not None):
+    if not (cfg.logits or cfg.cache is not None) or synthetic_run(meta):
         return None, []
     from ..activations.models import load_model as load
 
@@ -169,6 +188,59 @@ def density_from_cache(cfg: DiagnoseConfig, inp: RunInputs) -> Density:
     return Density(
         fresh.counts, n, source, {"windows_pooled": None, "tokens": n}, fresh, rows, chosen
     )
+
+
+def density_from_synthetic(cfg: DiagnoseConfig, inp: RunInputs) -> Density:
+    """Counts afresh on --tokens fresh synthetic rows (apart from the training stream), of the
+    run's own source or of --synthetic's spec."""
+    from ..activations.source import parse_synthetic
+    from ..activations.synthetic import SyntheticSource
+
+    own = not cfg.synthetic
+    src = SyntheticSource.load(inp.run) if own else SyntheticSource(parse_synthetic(cfg.synthetic))
+    counts = torch.zeros(len(inp.control), dtype=torch.int64)
+    chunk = 65_536
+    with torch.no_grad():
+        for k, start in enumerate(range(0, cfg.tokens, chunk)):
+            x = src.sample(min(chunk, cfg.tokens - start), seed=cfg.seed * 100_003 + k)
+            for b in range(0, len(x), cfg.batch_size):
+                f = inp.sae.encode(x[b : b + cfg.batch_size].to(cfg.device))
+                counts += (f > 0).sum(0).cpu()
+    n = cfg.tokens
+    which = "the run's synthetic source" if own else "the --synthetic spec"
+    source = f"fresh measurement on {n} fresh rows of {which}"
+    return Density(counts, n, source, {"windows_pooled": None, "tokens": n}, None, None, None)
+
+
+def ground_truth_step(
+    cfg: DiagnoseConfig, inp: RunInputs, dens: Density, classes: torch.Tensor
+) -> tuple[Any, dict | None]:
+    """Score the SAE against the run's true features when it trained on synthetic activations
+    (diagnostics/ground_truth.py): (GroundTruthScore, summary.json's "ground_truth"), or
+    (None, None) for other runs."""
+    if not (inp.run / "synthetic.json").is_file():
+        return None, None
+    from ..activations.synthetic import SyntheticSource
+    from .ground_truth import CLASSES as GT_CLASSES
+    from .ground_truth import ScoreConfig, score
+
+    truth = SyntheticSource.load(inp.run)
+    gt = score(inp.sae, truth, dens.counts, dens.n_tokens, ScoreConfig(seed=cfg.seed))
+    summary = gt.summary()
+    label = np.asarray(gt.label)
+    ultra = (classes == ULTRA_RARE).numpy()
+    n_ultra = int(ultra.sum())
+    real = int((label[ultra] == "real_rare").sum())
+    summary["ultra_rare"] = {
+        "threshold": cfg.ultra_rare_threshold,
+        "n": n_ultra,
+        **{c: int((label[ultra] == c).sum()) for c in GT_CLASSES},
+        "share_real": real / n_ultra if n_ultra else None,
+        # below ~10 expected firings at the threshold, ultra-rare and dead are not told apart
+        "resolved": cfg.ultra_rare_threshold * dens.n_tokens >= 10,
+    }
+    summary["density_source"] = dens.source
+    return gt, summary
 
 
 def resolution_warnings(cfg: DiagnoseConfig, n_tokens: int) -> list[str]:
@@ -309,11 +381,12 @@ def diagnose(cfg: DiagnoseConfig) -> Report:
     inp = load_inputs(cfg)
     warnings: list[str] = []
     model, vocab = load_run_model(cfg, inp.meta, warnings)
-    dens = (
-        density_from_cache(cfg, inp)
-        if cfg.cache is not None
-        else density_from_history(cfg, inp.history)
-    )
+    if cfg.cache is not None:
+        dens = density_from_cache(cfg, inp)
+    elif cfg.synthetic is not None:
+        dens = density_from_synthetic(cfg, inp)
+    else:
+        dens = density_from_history(cfg, inp.history)
     warnings += resolution_warnings(cfg, dens.n_tokens)
     classes = classify(dens.counts, dens.n_tokens, cfg.dead_threshold, cfg.ultra_rare_threshold)
     W_enc, b_enc, W_dec = (
@@ -322,15 +395,20 @@ def diagnose(cfg: DiagnoseConfig) -> Report:
     geo = feature_geometry(W_enc, b_enc, W_dec)
     chosen = dens.chosen if dens.chosen is not None else choose_features(cfg, classes, inp.control)
     dtest, dying_summary = run_dying_test(cfg, inp.history)
-    logits = logit_weights_step(cfg, model, inp.meta, W_dec, vocab, warnings)
+    synthetic = synthetic_run(inp.meta)
+    if synthetic:  # no model: nothing to take logit weights or contexts' text from
+        logits = Logits(None, [], {"computed": False, "reason": "synthetic activations: no model"})
+    else:
+        logits = logit_weights_step(cfg, model, inp.meta, W_dec, vocab, warnings)
     vocab = logits.vocab
     neuron_basis = inp.meta.get("site") == "mlp_post"
     geometry = rare_cluster_geometry(W_enc, W_dec, classes, neuron_basis=neuron_basis)
     summary = build_summary(
         cfg, inp, dens, classes, geometry, dying_summary, logits, chosen, warnings
     )
+    gt, summary["ground_truth"] = ground_truth_step(cfg, inp, dens, classes)
     contexts = None
-    if dens.fresh is not None and dens.rows is not None:
+    if dens.fresh is not None and dens.rows is not None and not synthetic:
         vocab = vocab or vocab_strings(None, int(dens.rows.tokens.max()) + 1)
         contexts = contexts_text(dens.rows, dens.fresh.top_rows, dens.fresh.top_values, vocab)
     data = ReportData(
@@ -348,6 +426,7 @@ def diagnose(cfg: DiagnoseConfig) -> Report:
         chosen=chosen,
         contexts=contexts,
         warnings=warnings,
+        ground_truth=gt,
     )
     write_report(out, data)
     n_cls = summary["counts"]

@@ -69,6 +69,26 @@ def _geometry_rows(g: dict) -> list[tuple[str, object]]:
     return rows
 
 
+def _ground_truth_rows(gt: dict | None) -> list[tuple[str, object]]:
+    """A synthetic run's scoring against its true features (summary.json's ground_truth)."""
+    if not gt:
+        return []
+    m, rare, ultra = gt["matching"], gt["rare"]["live"], gt["ultra_rare"]
+    curve = ", ".join(
+        f"{b['p_lo']:.0e}: {b['n_matched']}/{b['n_true']}" for b in gt["recovery_curve"]
+    )
+    share = "n/a" if ultra["share_real"] is None else _pct(ultra["share_real"])
+    return [
+        ("ground truth: matched", f"{m['n_matched']} of {m['n_true']} true features (decoder cosine ≥ {m['cos_threshold']:g}, {m['method']})"),
+        ("ground truth: recovery by true frequency", curve),
+        (f"ground truth: live features below {gt['rare']['density_below']:g}",
+         f"{rare['n']}: {rare['real_rare']} real rare, {rare['absorbed']} absorbed, {rare['artifact']} artifact, "
+         f"{rare['unresolved']} unresolved, {rare['imprecise']} imprecise"),
+        ("ground truth: ultra-rare features that are real", f"{ultra['real_rare']} of {ultra['n']} ({share})"
+         + ("" if ultra["resolved"] else "; the window cannot resolve ultra-rare densities")),
+    ]  # fmt: skip
+
+
 def summary_table(s: dict) -> str:
     """The warnings, the dying test's verdict and the summary table."""
     rows: list[tuple[str, object]] = [("features", s["n_features"])]
@@ -103,6 +123,7 @@ def summary_table(s: dict) -> str:
                 f"{li['recipe']} recipe, ln_final scale {li['ln_final_scale']:.4g} ({li['ln_final_scale_source']})",
             )
         )
+    rows += _ground_truth_rows(s.get("ground_truth"))
     body = "".join(
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
     )

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .contexts import Context
     from .dying import DyingTest
     from .features import FeatureGeometry, TopLogits
+    from .ground_truth import GroundTruthScore
 
 # features.csv: column -> the type `Report.features` parses it to (list: a JSON list, or None).
 FEATURE_COLUMNS: dict[str, type] = {
@@ -48,6 +49,15 @@ FEATURE_COLUMNS: dict[str, type] = {
     "bottom_logit_tokens": list,
 }
 CSV_COLUMNS = tuple(FEATURE_COLUMNS)
+# Runs on synthetic activations add these (diagnostics/ground_truth.py): the matched true
+# feature (-1: none), its true firing probability, the decoder cosine, the class below 1e-5.
+GT_COLUMNS: dict[str, type] = {
+    "gt_true_feature": int,
+    "gt_p_true": float,
+    "gt_cos": float,
+    "gt_class": str,
+}
+FEATURE_COLUMNS.update(GT_COLUMNS)
 
 
 @dataclass
@@ -83,6 +93,8 @@ class ReportData:
     """per chosen feature, its top-activating rows of the cache as text (None without --cache)"""
     warnings: list[str]
     """what the reader must know (also summary["warnings"])"""
+    ground_truth: GroundTruthScore | None = None
+    """the scoring against a synthetic source's true features (None: the run is not synthetic)"""
 
     @property
     def n_features(self) -> int:
@@ -126,6 +138,12 @@ def features_csv(data: ReportData) -> str:
         ),
     }
     assert tuple(cols) == CSV_COLUMNS
+    if data.ground_truth is not None:
+        gt = data.ground_truth
+        cols["gt_true_feature"] = [str(i) for i in gt.matching.true_of.tolist()]
+        cols["gt_p_true"] = [_fmt(x) for x in gt.p_true.tolist()]
+        cols["gt_cos"] = [_fmt(x) for x in gt.matching.cos.tolist()]
+        cols["gt_class"] = gt.label
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
