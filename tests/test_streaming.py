@@ -231,3 +231,14 @@ def test_synthetic_run_is_diagnosed_and_evaluated_against_its_truth(tmp_path, ca
 def cli_diagnose(run: Path, out: Path, extra: list[str]) -> Path:
     cli.main(["diagnose", "--run", str(run), "--out", str(out), *extra])
     return out
+
+
+def test_python_api_trains_on_a_synthetic_config(tmp_path):
+    import saekit
+
+    cfg = parse_synthetic(SMALL)
+    run = saekit.train(cfg, out=str(tmp_path / "run"), features=32, steps=6, batch_size=128)
+    assert run.metadata["source"]["kind"] == "synthetic"
+    assert SyntheticSource.load(run.path).cfg == cfg
+    with pytest.raises(SaekitError, match="exactly one activation source"):
+        saekit.train(cfg, out=str(tmp_path / "r2"), cache=str(tmp_path))
