@@ -57,7 +57,6 @@ GT_COLUMNS: dict[str, type] = {
     "gt_cos": float,
     "gt_class": str,
 }
-FEATURE_COLUMNS.update(GT_COLUMNS)
 
 
 @dataclass
@@ -164,7 +163,7 @@ def _parse_column(kind: type, values: list[str]) -> np.ndarray | list:
 
 
 def read_features(path: str | Path) -> dict[str, np.ndarray | list]:
-    """features.csv by column, typed by FEATURE_COLUMNS (a column it does not list stays str)."""
+    """features.csv by column, typed by FEATURE_COLUMNS and GT_COLUMNS (others stay str)."""
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8") as f:
@@ -178,7 +177,9 @@ def read_features(path: str | Path) -> dict[str, np.ndarray | list]:
     header, body = rows[0], rows[1:]
     try:
         return {
-            name: _parse_column(FEATURE_COLUMNS.get(name, str), [r[j] for r in body])
+            name: _parse_column(
+                FEATURE_COLUMNS.get(name, GT_COLUMNS.get(name, str)), [r[j] for r in body]
+            )
             for j, name in enumerate(header)
         }
     except (ValueError, json.JSONDecodeError) as e:
