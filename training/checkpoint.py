@@ -99,10 +99,11 @@ def _verified_record(json_path: Path, cfg: TrainConfig, source, out: Path) -> di
     # cache_sha256: checkpoints written before training read other sources (always a cache)
     saved_sha = meta.get("source_sha256", meta.get("cache_sha256"))
     if saved_sha is not None and saved_sha != source.fingerprint():
-        now = {"cache": f"--cache {cfg.cache}", "synthetic": "this synthetic spec",
-               "live": f"--model {cfg.model} at this site and dataset"}.get(source.kind, "this source")  # fmt: skip
+        now = {"cache": f"another cache than --cache {cfg.cache}",
+               "synthetic": "another source than this synthetic spec",
+               "live": f"another source than --model {cfg.model} at this site and dataset"}.get(source.kind, "another source")  # fmt: skip
         raise SaekitError(
-            f"checkpoint {json_path} was written while training on another source than {now} (its fingerprint differs); resume with the original source flags"
+            f"checkpoint {json_path} was written while training on {now} (its fingerprint differs); resume with the original source flags"
         )
     if meta.get("sha256") is not None and st_path.is_file():
         if sha256_file(st_path) != meta["sha256"]:
