@@ -15,7 +15,7 @@ REPORT_FILES = ("report.html", "features.csv", "summary.json")  # what a report 
 @dataclass
 class DiagnoseConfig:
     """Classify an SAE's features (dead / ultra-rare / live), measure their geometry and logit
-    weights, run the dying test on the density history, and write report.html, features.csv and
+    weights, run the trajectory test (falling / settled / died) on the density history, and write report.html, features.csv and
     summary.json."""
 
     run: str
@@ -40,17 +40,24 @@ class DiagnoseConfig:
     min_window_tokens: int = 0
     """density from training history: pool the last windows until they hold at least this many
     tokens (0: the last window only)"""
+    alpha: float = 0.05
+    """trajectory test: false discovery rate of falling, settled and died (Benjamini-Hochberg
+    within each); the trend interval is the 1 - 2*alpha one"""
+    band: float = 0.3
+    """trajectory test: a feature is settled when its trend's interval lies within +-this many
+    decades per 1e7 tokens (relative to the live baseline)"""
+    burn_in_tokens: int = 131_072
+    """trajectory test: tokens after each feature's last resampling (or hold-out, or the start
+    of training) whose windows are not tested"""
+    min_firings: int = 10
+    """trajectory test: members with fewer firings over their tested windows are unresolved"""
     rare_threshold: float = 1e-5
-    """dying test: besides the control group, features whose density was below this in some
-    window since their last resampling are tested"""
-    dying_windows: int = 3
-    """dying test: a feature with zero firings in all of its last this-many windows died"""
-    dying_window_tokens: int | None = None
-    """dying test: pool training windows (never across a resampling) to at least this many
-    tokens each (default: 3 / rare-threshold, so a feature at the rare threshold expects 3
-    firings per window)"""
-    alpha: float = 0.01
-    """dying test: significance level of the one-sided t-test on the slope"""
+    """trajectory test: besides the control group, features firing but below this density over
+    their selection windows are tested (as "rare") on the windows after them"""
+    selection_fraction: float = 0.25
+    """trajectory test: the first this fraction of each feature's windows after burn-in choose
+    the "rare" group; the test sees only the windows after them (choosing on the tested windows
+    biases towards falling)"""
     features: list[int] = field(default_factory=list)
     """features to show logit weights and contexts for (empty: a few live, ultra-rare and
     control-group features, chosen with --seed)"""
@@ -89,7 +96,10 @@ def check_out(cfg: DiagnoseConfig) -> Path:
 def check_config(cfg: DiagnoseConfig) -> None:
     """SaekitError for any flag out of its range (nan included), before anything is loaded."""
     checks = [
-        (0 < cfg.alpha < 1, f"--alpha must be between 0 and 1 (got {cfg.alpha})"),
+        (0 < cfg.alpha < 0.5, f"--alpha must be between 0 and 0.5 (got {cfg.alpha})"),
+        (0 < cfg.band < math.inf, f"--band must be a finite number > 0 (got {cfg.band})"),
+        (cfg.burn_in_tokens >= 0, f"--burn-in-tokens must be >= 0 (got {cfg.burn_in_tokens})"),
+        (cfg.min_firings >= 1, f"--min-firings must be >= 1 (got {cfg.min_firings})"),
         (
             0 <= cfg.dead_threshold < cfg.ultra_rare_threshold <= 1,
             "need 0 <= --dead-threshold < --ultra-rare-threshold <= 1 "
@@ -99,10 +109,9 @@ def check_config(cfg: DiagnoseConfig) -> None:
             0 < cfg.rare_threshold <= 1,
             f"--rare-threshold must be in (0, 1] (got {cfg.rare_threshold})",
         ),
-        (cfg.dying_windows >= 1, f"--dying-windows must be >= 1 (got {cfg.dying_windows})"),
         (
-            cfg.dying_window_tokens is None or cfg.dying_window_tokens >= 1,
-            f"--dying-window-tokens must be >= 1 (got {cfg.dying_window_tokens})",
+            0 < cfg.selection_fraction < 1,
+            f"--selection-fraction must be in (0, 1) (got {cfg.selection_fraction})",
         ),
         (
             cfg.min_window_tokens >= 0,

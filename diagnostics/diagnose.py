@@ -1,8 +1,8 @@
-"""`saekit diagnose`: classify features, run the dying test, and write the report dir.
+"""`saekit diagnose`: classify features, run the trajectory test, and write the report dir.
 
 `diagnose(cfg)` is a short sequence of steps: check the flags (diagnostics/config.py); load the
 SAE, the density history and the model; measure density (from the history, or afresh on the
-cache); classes and geometry; the dying test; logit weights; assemble one `ReportData`; write
+cache); classes and geometry; the trajectory test (diagnostics/groups.py); logit weights; assemble one `ReportData`; write
 features.csv, summary.json and report.html (diagnostics/report.py, figures.py, page.py).
 """
 
@@ -17,7 +17,6 @@ import torch
 
 from ..sae.errors import SaekitError
 from ..training.run import History, last_metrics, load_history
-from . import dying
 from .config import DiagnoseConfig, check_inputs
 from .contexts import CacheRows, contexts_text, measure_on_cache
 from .features import (
@@ -32,6 +31,7 @@ from .features import (
     run_logit_tokens,
     vocab_strings,
 )
+from .groups import run_trajectory
 from .report import Report, ReportData, features_csv, jsonable
 
 
@@ -256,27 +256,6 @@ def resolution_warnings(cfg: DiagnoseConfig, n_tokens: int) -> list[str]:
     ]
 
 
-def run_dying_test(
-    cfg: DiagnoseConfig, hist: History | None
-) -> tuple[dying.DyingTest | None, dict]:
-    """The dying test on the history, and its summary.json entry."""
-    if hist is None or not len(hist.counts):
-        return None, {"verdict": "No density history in the run dir: no dying test."}
-    dtest = dying.dying_test(
-        hist.counts,
-        hist.window_tokens,
-        hist.window_end_step,
-        hist.resample_steps,
-        hist.resampled,
-        hist.control_mask,
-        rare_threshold=cfg.rare_threshold,
-        last_windows=cfg.dying_windows,
-        alpha=cfg.alpha,
-        min_window_tokens=cfg.dying_window_tokens,
-    )
-    return dtest, dying.summarize(dtest, cfg.alpha)
-
-
 class Logits(NamedTuple):
     top: TopLogits | None  # top and bottom tokens per feature (None: not computed)
     vocab: list[str]  # the token texts the ids index
@@ -309,14 +288,21 @@ def build_summary(
     dens: Density,
     classes: torch.Tensor,
     geometry: dict,
-    dying_summary: dict,
+    trajectory_summary: dict,
     logits: Logits,
     chosen: list[int],
     warnings: list[str],
 ) -> dict:
     """summary.json."""
     hist, metrics, d_sae = inp.history, inp.metrics, len(classes)
-    n_cls = {name: int((classes == c).sum()) for c, name in enumerate(CLASSES)}
+    n_cls: dict = {name: int((classes == c).sum()) for c, name in enumerate(CLASSES)}
+    frac: dict = {k: v / d_sae for k, v in n_cls.items()}
+    resolvable = {
+        "dead": True,  # zero firings is always seen
+        "ultra_rare": dens.n_tokens * cfg.ultra_rare_threshold >= 1,
+    }
+    if not resolvable["ultra_rare"]:  # no density in (0, threshold) fits in the window
+        n_cls["ultra_rare"] = frac["ultra_rare"] = None
     if dens.fresh is not None:
         l0, fvu, l0_src = dens.fresh.l0, dens.fresh.fvu, "fresh measurement on the cache rows"
     else:
@@ -337,7 +323,8 @@ def build_summary(
         "cache": cfg.cache,
         "n_features": d_sae,
         "counts": n_cls,
-        "fractions": {k: v / d_sae for k, v in n_cls.items()},
+        "fractions": frac,
+        "resolvable": resolvable,
         "held_out": int(inp.control.sum()),
         "thresholds": {"dead": cfg.dead_threshold, "ultra_rare": cfg.ultra_rare_threshold},
         "density_source": dens.source,
@@ -347,17 +334,31 @@ def build_summary(
         "l0": l0,
         "fvu": fvu,
         "l0_fvu_source": l0_src,
-        "dying_test": dying_summary,
+        "trajectory_test": trajectory_summary,
         "geometry": geometry,
         "logit_weights": logits.info,
         "shown_features": chosen,
         "warnings": warnings,
         "csv_conventions": (
-            "log10_density is -inf for zero firings; empty field = not computable; density_slope "
-            "is the OLS slope of log10 density per training step over the dying test's pooled "
-            "windows since the feature's last resampling in which it fired"
+            "log10_density is -inf for zero firings; empty field = not computable; trajectory is "
+            "the trajectory test's outcome (falling, settled, died, unresolved, not_tested) for "
+            "trajectory_group; trend, trend_low and trend_high are its log-linear trend and "
+            "1 - 2*alpha interval in decades per 1e7 tokens relative to the live baseline"
         ),
     }
+
+
+def class_line(summary: dict) -> str:
+    """The line "N features: a dead, b ultra-rare, c live", the ultra-rare count only where the
+    window resolves it."""
+    c = summary["counts"]
+    if c["ultra_rare"] is None:
+        thr = summary["thresholds"]["ultra_rare"]
+        rare = f"ultra-rare not resolvable (the window resolves densities >= {summary['resolvable_threshold']:.3g}, not < {thr:g})"
+        dead = f"{c['dead']} with zero firings"
+    else:
+        rare, dead = f"{c['ultra_rare']} ultra-rare", f"{c['dead']} dead"
+    return f"{summary['n_features']} features: {dead}, {rare}, {c['live']} live"
 
 
 def write_report(out: Path, data: ReportData) -> None:
@@ -394,7 +395,7 @@ def diagnose(cfg: DiagnoseConfig) -> Report:
     )
     geo = feature_geometry(W_enc, b_enc, W_dec)
     chosen = dens.chosen if dens.chosen is not None else choose_features(cfg, classes, inp.control)
-    dtest, dying_summary = run_dying_test(cfg, inp.history)
+    traj, traj_summary = run_trajectory(cfg, inp.history)
     synthetic = synthetic_run(inp.meta)
     if synthetic:  # no model: nothing to take logit weights or contexts' text from
         logits = Logits(None, [], {"computed": False, "reason": "synthetic activations: no model"})
@@ -404,7 +405,7 @@ def diagnose(cfg: DiagnoseConfig) -> Report:
     neuron_basis = inp.meta.get("site") == "mlp_post"
     geometry = rare_cluster_geometry(W_enc, W_dec, classes, neuron_basis=neuron_basis)
     summary = build_summary(
-        cfg, inp, dens, classes, geometry, dying_summary, logits, chosen, warnings
+        cfg, inp, dens, classes, geometry, traj_summary, logits, chosen, warnings
     )
     gt, summary["ground_truth"] = ground_truth_step(cfg, inp, dens, classes)
     contexts = None
@@ -417,10 +418,9 @@ def diagnose(cfg: DiagnoseConfig) -> Report:
         density=(dens.counts.double() / dens.n_tokens).numpy(),
         classes=classes.numpy(),
         geometry=geo,
-        slope=dtest.fit.slope if dtest is not None else np.full(len(classes), np.nan),
         control=inp.control.numpy(),
         history=inp.history,
-        dying=dtest,
+        trajectory=traj,
         logits=logits.top,
         vocab=vocab,
         chosen=chosen,
@@ -429,9 +429,5 @@ def diagnose(cfg: DiagnoseConfig) -> Report:
         ground_truth=gt,
     )
     write_report(out, data)
-    n_cls = summary["counts"]
-    print(
-        f"diagnose: {data.n_features} features: {n_cls['dead']} dead, {n_cls['ultra_rare']} ultra-rare, "
-        f"{n_cls['live']} live; report in {out} ({time.time() - t0:.1f}s)"
-    )
+    print(f"diagnose: {class_line(summary)}; report in {out} ({time.time() - t0:.1f}s)")
     return Report(out)

@@ -14,16 +14,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import dying
 from .features import CLASSES, ULTRA_RARE
 from .report import ReportData
 
 CLASS_COLOURS = {"dead": "#7f7f7f", "ultra_rare": "#d62728", "live": "#1f77b4"}
 OUTCOME_COLOURS = {
-    "keeps_falling": "#d62728",
-    "settles": "#2ca02c",
+    "falling": "#d62728",
+    "settled": "#2ca02c",
     "died": "#000000",
-    "too_few_points": "#bcbd22",
+    "unresolved": "#bcbd22",
 }
 MAX_SCATTER = 20_000  # points in the 3-D scatter
 MAX_HEAT_ROWS = 500  # features in the heat map (evenly spaced ranks when more): ~1 per pixel row
@@ -139,34 +138,70 @@ def density_heatmap(data: ReportData) -> Panel | None:
     return Panel("Density over training", f, note)
 
 
-def _pooled_log_density(dtest: dying.DyingTest) -> np.ndarray:
-    """[W', F] log10 density over the dying test's pooled windows, NaN (a gap) for no firings."""
-    return np.where(np.isfinite(dtest.log_density), dtest.log_density, np.nan)
+def display_windows(hist, min_tokens: int) -> np.ndarray:
+    """Start index of each display window: adjacent training windows merged, from the end
+    backwards, until each holds >= min_tokens tokens, never across a resampling event (so a
+    feature's line never mixes two of its lives)."""
+    tok = hist.window_tokens.numpy()
+    end = hist.window_end_step.numpy()
+    events = hist.resample_steps.numpy()
+    starts: list[int] = []
+    acc = 0
+    for w in range(len(tok) - 1, -1, -1):
+        acc += int(tok[w])
+        event_before = w > 0 and bool(((events >= end[w - 1]) & (events < end[w])).any())
+        if acc >= min_tokens or event_before or w == 0:
+            starts.append(w)
+            acc = 0
+    return np.array(starts[::-1], dtype=np.int64)
+
+
+def _pooled(data: ReportData, cols: np.ndarray, used: np.ndarray | None):
+    """(end steps [W'], tokens [W'], log10 density [W', len(cols)]) over display windows of at
+    least 3 / rare-threshold tokens (a feature at the rare threshold expects 3 firings in each),
+    counting only the windows `used` [W, F] marks (None: all); NaN (a gap) for none or zero."""
+    hist = data.history
+    starts = display_windows(hist, math.ceil(3 / data.cfg.rare_threshold))
+    tok = hist.window_tokens.numpy()[:, None].astype(np.float64)
+    c = hist.counts.numpy()[:, cols].astype(np.float64)
+    t = np.broadcast_to(tok, c.shape)
+    if used is not None:
+        c, t = np.where(used[:, cols], c, 0.0), np.where(used[:, cols], t, 0.0)
+    pc, pt = np.add.reduceat(c, starts, axis=0), np.add.reduceat(t, starts, axis=0)
+    ends = np.append(starts[1:], len(tok)) - 1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ld = np.log10(pc / pt)
+    ld = np.where(np.isfinite(ld), ld, np.nan).astype(np.float32)
+    return hist.window_end_step.numpy()[ends], np.add.reduceat(tok[:, 0], starts), ld
 
 
 def rare_trajectories(data: ReportData) -> Panel | None:
     """Density over training of a sample of ultra-rare and of control-group features."""
     import plotly.graph_objects as go
 
-    dtest, hist = data.dying, data.history
-    if dtest is None or hist is None:
+    hist = data.history
+    if hist is None or not len(hist.counts):
         return None
-    # Trajectories use the dying test's pooled windows (each large enough to resolve the
-    # rare threshold), not the raw training windows.
-    ld = _pooled_log_density(dtest)
     rng = np.random.default_rng(data.cfg.seed)
-    f = go.Figure()
     rare = np.flatnonzero((data.classes == ULTRA_RARE) & ~data.control)
     groups = (
-        ("ultra-rare", rare, "#d62728"),
-        ("control group", np.flatnonzero(data.control), "#9467bd"),
+        ("ultra-rare", np.sort(rng.permutation(rare)[:MAX_LINES]), "#d62728"),
+        (
+            "control group",
+            np.sort(rng.permutation(np.flatnonzero(data.control))[:MAX_LINES]),
+            "#9467bd",
+        ),
     )
+    f = go.Figure()
+    tok = None
     for gname, idx, colour in groups:
-        idx = rng.permutation(idx)[:MAX_LINES]
-        for j, i in enumerate(sorted(idx.tolist())):
+        if not len(idx):
+            continue
+        steps, tok, ld = _pooled(data, idx, None)
+        for j, i in enumerate(idx.tolist()):
             f.add_scatter(
-                x=dtest.steps,
-                y=ld[:, i],
+                x=steps,
+                y=ld[:, j],
                 mode="lines+markers",
                 line=dict(color=colour, width=1),
                 marker=dict(size=3),
@@ -181,49 +216,53 @@ def rare_trajectories(data: ReportData) -> Panel | None:
         shapes=_event_shapes(hist.resample_steps.numpy()),
         **LAYOUT,
     )
+    span = "" if tok is None else f" ({int(tok.min())}-{int(tok.max())} tokens each)"
     note = (
-        f"Up to {MAX_LINES} features per group, over the dying test's pooled windows "
-        f"({int(dtest.window_tokens.min())}-{int(dtest.window_tokens.max())} tokens each); "
-        "gaps are windows with zero firings; dotted lines are resampling events."
+        f"Up to {MAX_LINES} features per group, over training windows pooled to resolve the rare "
+        f"threshold{span}; gaps are windows with zero firings; dotted lines are resampling events."
     )
     return Panel("Rare and control-group features over training", f, note)
 
 
-def dying_trajectories(data: ReportData) -> Panel | None:
-    """A sample of the dying test's members per outcome, each over its current segment."""
+def trajectory_outcomes(data: ReportData) -> Panel | None:
+    """A sample of the trajectory test's members per outcome, each over the windows it tested."""
     import plotly.graph_objects as go
 
-    dtest = data.dying
-    if dtest is None:
+    from .trajectory import OUTCOMES
+
+    t = data.trajectory
+    if t is None:
         return None
-    ld = _pooled_log_density(dtest)
     rng = np.random.default_rng(data.cfg.seed)
     f = go.Figure()
-    steps = dtest.steps.astype(np.float64)
-    for outcome in dying.OUTCOMES:
-        idx = np.flatnonzero(dtest.outcome == outcome)
-        idx = np.sort(rng.permutation(idx)[:MAX_LINES])
+    for outcome in OUTCOMES:
+        idx = np.sort(rng.permutation(np.flatnonzero(t.outcome == outcome))[:MAX_LINES])
+        if not len(idx):
+            continue
+        steps, _, ld = _pooled(data, idx, t.used)
         for j, i in enumerate(idx.tolist()):
-            seg = steps > dtest.start_step[i]
-            slope, p = dtest.fit.slope[i], dtest.fit.p_falling[i]
-            slope_txt = "" if np.isnan(slope) else f" slope {slope:.3g}/step, p={p:.2g}"
+            trend = "" if np.isnan(t.trend[i]) else (
+                f", trend {t.trend[i]:.3g} [{t.trend_low[i]:.3g}, {t.trend_high[i]:.3g}] "
+                "decades per 1e7 tokens"
+            )  # fmt: skip
             f.add_scatter(
                 x=steps,
-                y=np.where(seg, ld[:, i], np.nan),
+                y=ld[:, j],
                 mode="lines+markers",
                 line=dict(color=OUTCOME_COLOURS[outcome], width=1),
                 marker=dict(size=3),
                 name=outcome,
                 legendgroup=outcome,
                 showlegend=j == 0,
-                hovertemplate=f"feature {i} ({dtest.group[i]}): {outcome}{slope_txt}<br>step %{{x}}<br>log10 density %{{y:.2f}}<extra></extra>",
+                hovertemplate=f"feature {i} ({t.group[i]}): {outcome}{trend}<br>step %{{x}}<br>log10 density %{{y:.2f}}<extra></extra>",
             )
     f.update_layout(xaxis_title="training step", yaxis_title="log10 density", **LAYOUT)
     note = (
-        f"Up to {MAX_LINES} features per outcome, each over its current segment (since its last "
-        f"resampling). {html.escape(data.summary['dying_test']['verdict'])}"
+        f"Up to {MAX_LINES} features per outcome, each over the windows the test used (after "
+        "its last resampling or hold-out, its burn-in and, for rare features, the windows that "
+        f"chose them). {html.escape(data.summary['trajectory_test']['verdict'])}"
     )
-    return Panel("Dying test trajectories", f, note)
+    return Panel("Trajectory test: falling, settled, died, unresolved", f, note)
 
 
 def _hover_tokens(data: ReportData) -> np.ndarray:
@@ -317,7 +356,7 @@ FIGURES: tuple[Callable[[ReportData], Panel | None], ...] = (
     density_histogram,
     density_heatmap,
     rare_trajectories,
-    dying_trajectories,
+    trajectory_outcomes,
     density_bias_de_3d,
     de_projection_by_class,
     encoder_bias_by_class,

@@ -89,10 +89,39 @@ def _ground_truth_rows(gt: dict | None) -> list[tuple[str, object]]:
     ]  # fmt: skip
 
 
+def _class_cell(s: dict, k: str) -> str:
+    if s["counts"][k] is None:  # a count the window cannot resolve
+        return f"not resolvable (the window resolves densities ≥ {s['resolvable_threshold']:.3g})"
+    return f"{s['counts'][k]} ({_pct(s['fractions'][k])})"
+
+
+def _trajectory_rows(t: dict) -> list[tuple[str, object]]:
+    if "counts" not in t:
+        return []
+    rows: list[tuple[str, object]] = [("trajectory test", t["test"])]
+    for g, v in t["by_group"].items():
+        cnt = ", ".join(f"{k} {n}" for k, n in v["counts"].items())
+        rows.append((f"trajectory test: {g} ({v['n']}; {v['n_tested']} tested)", cnt))
+    b = t["baseline"]
+    if b["n_features"]:
+        trend = b["trend_decades_per_1e7_tokens"]
+        trend_txt = "" if trend is None else f", trend {trend:.3g} decades per 1e7 tokens"
+        rows.append(("trajectory test: live baseline", f"{b['n_features']} features{trend_txt}"))
+    rows.append(
+        (
+            "trajectory test: settings",
+            f"alpha {t['alpha']:g} (Benjamini-Hochberg), settled band ±{t['band_decades_per_1e7_tokens']:g} "
+            f"decades per 1e7 tokens, burn-in {t['burn_in_tokens']} tokens, "
+            f"{t['windows']['n']} windows of {t['windows']['tokens_min']}-{t['windows']['tokens_max']} tokens",
+        )
+    )
+    return rows
+
+
 def summary_table(s: dict) -> str:
-    """The warnings, the dying test's verdict and the summary table."""
+    """The warnings, the trajectory test's verdict and the summary table."""
     rows: list[tuple[str, object]] = [("features", s["n_features"])]
-    rows += [(f"{k}", f"{s['counts'][k]} ({_pct(s['fractions'][k])})") for k in CLASSES]
+    rows += [(k, _class_cell(s, k)) for k in CLASSES]
     rows += [
         ("held-out control group", s["held_out"]),
         (
@@ -108,13 +137,8 @@ def summary_table(s: dict) -> str:
         ("L0/FVU from", s["l0_fvu_source"]),
     ]
     rows += _geometry_rows(s["geometry"])
-    dt = s["dying_test"]
-    if "counts" in dt:
-        rows.append(("dying test", dt["test"]))
-        rows += [
-            (f"dying test: {k}", f"{v} ({_pct(dt['fractions'][k])})")
-            for k, v in dt["counts"].items()
-        ]
+    t = s["trajectory_test"]
+    rows += _trajectory_rows(t)
     li = s["logit_weights"]
     if li.get("computed"):
         rows.append(
@@ -128,7 +152,7 @@ def summary_table(s: dict) -> str:
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
     )
     warn = "".join(f"<p class='warn'>{html.escape(w)}</p>" for w in s["warnings"])
-    return f"<h2>Summary</h2>{warn}<p><b>Dying test:</b> {html.escape(dt['verdict'])}</p><table>{body}</table>"
+    return f"<h2>Summary</h2>{warn}<p><b>Trajectory test:</b> {html.escape(t['verdict'])}</p><table>{body}</table>"
 
 
 def panel_html(k: int, panel: Panel) -> str:

@@ -5,8 +5,8 @@ Files (design.md): `report.html` (one self-contained page, plotly.js inlined onc
 `features.csv` (a row per feature) and `summary.json`.
 
 features.csv conventions: `log10_density` is `-inf` for features with zero firings; a value
-that cannot be computed (a slope with fewer than 2 nonzero windows, logit tokens when they are
-off) is an empty field; `top_logit_tokens` / `bottom_logit_tokens` are JSON lists of token texts,
+that cannot be computed (a trend of a feature the trajectory test did not fit, logit tokens
+when they are off) is an empty field; `top_logit_tokens` / `bottom_logit_tokens` are JSON lists of token texts,
 highest (lowest) logit weight first.
 """
 
@@ -29,9 +29,9 @@ from .features import CLASSES
 if TYPE_CHECKING:
     from ..training.run import History
     from .contexts import Context
-    from .dying import DyingTest
     from .features import FeatureGeometry, TopLogits
     from .ground_truth import GroundTruthScore
+    from .trajectory import Trajectory
 
 # features.csv: column -> the type `Report.features` parses it to (list: a JSON list, or None).
 FEATURE_COLUMNS: dict[str, type] = {
@@ -43,8 +43,12 @@ FEATURE_COLUMNS: dict[str, type] = {
     "de_projection": float,
     "enc_dec_cosine": float,
     "decoder_norm": float,
-    "density_slope": float,
     "held_out": bool,
+    "trajectory_group": str,
+    "trajectory": str,
+    "trend": float,
+    "trend_low": float,
+    "trend_high": float,
     "top_logit_tokens": list,
     "bottom_logit_tokens": list,
 }
@@ -74,14 +78,13 @@ class ReportData:
     """int64 [F]: index into features.CLASSES (dead, ultra_rare, live)"""
     geometry: FeatureGeometry
     """per-feature encoder bias, D/E projection, encoder-decoder cosine, decoder norm ([F] tensors)"""
-    slope: np.ndarray
-    """float64 [F]: the dying test's slope of log10 density per step (NaN: not computable)"""
     control: np.ndarray
     """bool [F]: the held-out control group (never resampled after being held out)"""
     history: History | None
     """the run's density history (None when the run dir has none)"""
-    dying: DyingTest | None
-    """the dying test: members, groups, outcomes, fits, pooled windows (None without history)"""
+    trajectory: Trajectory | None
+    """the trajectory test: groups, outcomes, trends, the windows each used (None without
+    history)"""
     logits: TopLogits | None
     """top and bottom logit-weight token ids and values per feature (None when not computed)"""
     vocab: list[str]
@@ -129,8 +132,8 @@ def features_csv(data: ReportData) -> str:
         "de_projection": [_fmt(x) for x in geo.de_projection.tolist()],
         "enc_dec_cosine": [_fmt(x) for x in geo.enc_dec_cosine.tolist()],
         "decoder_norm": [_fmt(x) for x in geo.decoder_norm.tolist()],
-        "density_slope": [_fmt(x) for x in data.slope.tolist()],
         "held_out": ["true" if b else "false" for b in data.control.tolist()],
+        **trajectory_columns(data.trajectory, n),
         "top_logit_tokens": tok_lists(data.logits.top_ids if data.logits is not None else None),
         "bottom_logit_tokens": tok_lists(
             data.logits.bottom_ids if data.logits is not None else None
@@ -148,6 +151,22 @@ def features_csv(data: ReportData) -> str:
     w.writerow(cols)
     w.writerows(zip(*cols.values(), strict=True))
     return buf.getvalue()
+
+
+def trajectory_columns(t: Trajectory | None, n: int) -> dict[str, list[str]]:
+    """features.csv's trajectory-test columns (empty without a history)."""
+    if t is None:
+        return {
+            k: [""] * n
+            for k in ("trajectory_group", "trajectory", "trend", "trend_low", "trend_high")
+        }
+    return {
+        "trajectory_group": [str(g) for g in t.group.tolist()],
+        "trajectory": [str(o) for o in t.outcome.tolist()],
+        "trend": [_fmt(x) for x in t.trend.tolist()],
+        "trend_low": [_fmt(x) for x in t.trend_low.tolist()],
+        "trend_high": [_fmt(x) for x in t.trend_high.tolist()],
+    }
 
 
 def _parse_column(kind: type, values: list[str]) -> np.ndarray | list:
@@ -207,8 +226,8 @@ class Report:
         pandas.DataFrame(report.features)  # a row per feature
 
     `features` maps each column to a numpy array (int64 `index`; float64 densities, geometry and
-    `density_slope`, NaN where the CSV field is empty and -inf for log10 of zero; bool
-    `held_out`; str `class`) or, for the logit token columns, a list holding one list of token
+    the trajectory test's `trend`, `trend_low`, `trend_high`, NaN where the CSV field is empty
+    and -inf for log10 of zero; bool `held_out`; str `class`, `trajectory_group`, `trajectory`) or, for the logit token columns, a list holding one list of token
     texts per feature (None when logit weights were not computed).
     """
 
@@ -234,7 +253,7 @@ class Report:
 
     @property
     def summary(self) -> dict:
-        """summary.json: class counts and fractions, thresholds, window, dying test, geometry,
+        """summary.json: class counts and fractions, thresholds, window, trajectory test, geometry,
         logit-weight recipe, shown features and warnings."""
         if self._summary is None:
             path = self.path / "summary.json"
@@ -255,7 +274,8 @@ class Report:
 
     def __repr__(self) -> str:
         c = self.summary.get("counts", {})
+        rare = "not resolvable" if c.get("ultra_rare") is None else c.get("ultra_rare")
         return (
             f"Report({str(self.path)!r}: {self.summary.get('n_features')} features: "
-            f"{c.get('dead')} dead, {c.get('ultra_rare')} ultra-rare, {c.get('live')} live)"
+            f"{c.get('dead')} dead, {rare} ultra-rare, {c.get('live')} live)"
         )

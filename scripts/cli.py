@@ -55,7 +55,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "saekit.scripts.demo:demo",
     ),
     "diagnose": (
-        "classify features, run the dying test and write the HTML report",
+        "classify features, run the trajectory test and write the HTML report",
         "saekit.diagnostics.config:DiagnoseConfig",
         "saekit.diagnostics.diagnose:diagnose",
     ),

@@ -136,7 +136,7 @@ def _pipeline(cfg: DemoConfig, out: Path) -> DemoResult:
     result = {
         "live": live,
         "dead": _count(summary, "dead"),
-        "ultra_rare": _count(summary, "ultra_rare"),
+        "ultra_rare": summary["counts"]["ultra_rare"],  # None: the window cannot resolve it
         "l0": m["l0"],
         "fvu": m["fvu_pooled"],
         "loss_recovered": m["loss_recovered_zero"],
@@ -148,8 +148,10 @@ def _pipeline(cfg: DemoConfig, out: Path) -> DemoResult:
     from ..sae.io import atomic_write_json
 
     atomic_write_json(out / "demo.json", result)
+    rare = result["ultra_rare"]
+    rare = "ultra-rare not resolvable" if rare is None else f"{rare} ultra-rare"
     print(
-        f"saekit demo: {live} live / {result['dead']} dead / {result['ultra_rare']} ultra-rare "
+        f"saekit demo: {live} live / {result['dead']} dead / {rare} "
         f"features, L0 {m['l0']:.1f}, FVU {m['fvu_pooled']:.3f}, loss recovered "
         f"{m['loss_recovered_zero']:.3f} (vs zero ablation; {m['loss_recovered_mean']:.3f} vs mean) "
         f"in {result['seconds']:.0f}s"

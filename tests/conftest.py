@@ -72,6 +72,61 @@ def planted_history(d_sae: int = 40):
     return d, slopes
 
 
+# planted_trajectories' classes: (name, expected trajectory outcome), 10 features each.
+TRAJECTORY_CLASSES = (
+    ("constant", "settled"),
+    ("exponential", "falling"),
+    ("hyperbolic", "falling"),
+    ("died", "died"),
+    ("too_few", "unresolved"),
+    ("control", "settled"),
+)
+
+
+def planted_trajectories(n_live: int = 100, per_class: int = 10, seed: int = 0):
+    """A density history for the trajectory test: 40 windows of 1e6 tokens (250 steps of 4,000
+    tokens each), `n_live` live features at 1e-2, then `per_class` features per
+    TRAJECTORY_CLASSES entry, in that order: constant at 2e-4; exponential 5e-4 falling 1.5
+    decades over the run (-0.375 decades per 1e7 tokens); hyperbolic 5e-4/(1 + t/2e6 tokens);
+    3e-4 until window 25, then silent; 1 firing in window 3 and 3 more later (too few);
+    and a control group held out at step 2000 (the end of window 7) after firing in no window
+    before, then constant at 2e-4. Returns (history dict, class name per feature [F])."""
+    rng = np.random.default_rng(seed)
+    n_w, tok = 40, 1_000_000
+    t = (np.arange(n_w) + 0.5) * tok  # window midpoints in tokens
+    rates = {
+        "constant": np.full(n_w, 2e-4),
+        "exponential": 5e-4 * 10 ** (-1.5 * t / (n_w * tok)),
+        "hyperbolic": 5e-4 / (1 + t / 2e6),
+        "died": np.where(np.arange(n_w) < 25, 3e-4, 0.0),
+        "control": np.where(np.arange(n_w) < 8, 0.0, 2e-4),
+    }
+    cols, names = [rng.poisson(1e-2 * tok, (n_w, n_live))], ["live"] * n_live
+    for name, _ in TRAJECTORY_CLASSES:
+        if name == "too_few":
+            c = np.zeros((n_w, per_class), dtype=np.int64)
+            c[[3, 12, 20, 30], :] = 1
+        else:
+            c = rng.poisson(rates[name][:, None] * tok, (n_w, per_class))
+        cols.append(c)
+        names += [name] * per_class
+    counts = np.concatenate(cols, 1).astype(np.int64)
+    names = np.array(names)
+    d_sae = len(names)
+    held = torch.zeros(1, d_sae, dtype=torch.bool)
+    held[0, torch.from_numpy(names == "control")] = True
+    hist = {
+        "counts": torch.from_numpy(counts),
+        "window_tokens": torch.full((n_w,), tok, dtype=torch.int64),
+        "window_end_step": torch.arange(1, n_w + 1, dtype=torch.int64) * 250,
+        "resample_steps": torch.tensor([2000], dtype=torch.int64),
+        "resampled": torch.zeros(1, d_sae, dtype=torch.bool),
+        "held_out": held,
+        "control_mask": held[0].clone(),
+    }
+    return hist, names
+
+
 def write_run(run: Path, W_enc, b_enc, W_dec, hist: dict, site="resid_post", model_name="default"):
     d_in, d_sae = W_enc.shape
     sae = SAE(SAEConfig(arch="relu_l1", d_in=d_in, d_sae=d_sae))
@@ -205,11 +260,14 @@ def cache(mlp_post_cache) -> Path:
 
 @pytest.fixture
 def planted() -> SimpleNamespace:
-    """Builders of planted data: geometry(d_sae, d_in), history(d_sae), write_run(run, ...),
-    big_run(run) (16,384 features with a random history)."""
+    """Builders of planted data: geometry(d_sae, d_in), history(d_sae), trajectories() (a
+    history with one planted class per trajectory outcome), write_run(run, ...), big_run(run)
+    (16,384 features with a random history)."""
     return SimpleNamespace(
         geometry=planted_geometry,
         history=planted_history,
+        trajectories=planted_trajectories,
+        TRAJECTORY_CLASSES=TRAJECTORY_CLASSES,
         write_run=write_run,
         big_run=make_big_run,
         STEPS=STEPS,

@@ -494,12 +494,14 @@ def test_evaluate_bad_run_paths_are_refused(world, run):
 # saekit diagnose
 
 DIAG_BAD = table(
-    ("alpha", st.one_of(NAN_INF, st.floats(max_value=0.0), st.floats(1.0, 1e9))),
+    ("alpha", st.one_of(NAN_INF, st.floats(max_value=0.0), st.floats(0.5, 1e9))),
+    ("band", st.one_of(NAN_INF, st.floats(max_value=0.0), NOT_FLOAT)),
+    ("burn-in-tokens", st.one_of(negative(), NOT_INT)),
+    ("min-firings", nonpos()),
+    ("selection-fraction", st.one_of(NAN_INF, st.floats(max_value=0.0), st.floats(1.0, 1e9))),
     ("dead-threshold", st.one_of(NAN_INF, st.floats(max_value=-1e-12), st.floats(1e-6, 1.0))),
     ("ultra-rare-threshold", st.one_of(NAN_INF, st.floats(max_value=0.0), st.floats(1.0001, 1e6))),
     ("rare-threshold", st.one_of(NAN_INF, st.floats(max_value=0.0), st.floats(1.0001, 1e6))),
-    ("dying-windows", nonpos()),
-    ("dying-window-tokens", nonpos()),
     ("min-window-tokens", negative()),
     ("n-show", negative()),
     ("n-top-contexts", nonpos()),

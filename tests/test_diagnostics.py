@@ -1,6 +1,6 @@
 """Diagnostics on planted SAEs and histories: features.csv and summary.json against the planted
-values, the dying test on planted trajectories, and logit weights against an independent path
-through the real default model."""
+values, the trajectory test's outcome per planted class, and logit weights against an
+independent path through the real default model."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from saekit.diagnostics import dying
 from saekit.diagnostics.diagnose import DiagnoseConfig, diagnose
 from saekit.diagnostics.features import (
     classify,
@@ -46,7 +45,7 @@ def read_csv(path: Path) -> list[dict]:
 def test_planted_run_features_csv_and_summary(planted, tmp_path):
     d_sae = 40
     W_enc, bias, W_dec, want = planted.geometry(d_sae, D_IN)
-    hist, slopes = planted.history(d_sae)
+    hist, _ = planted.history(d_sae)
     run = tmp_path / "run"
     planted.write_run(run, W_enc, bias, W_dec, hist)
     model = default_model()
@@ -65,8 +64,12 @@ def test_planted_run_features_csv_and_summary(planted, tmp_path):
         "de_projection",
         "enc_dec_cosine",
         "decoder_norm",
-        "density_slope",
         "held_out",
+        "trajectory_group",
+        "trajectory",
+        "trend",
+        "trend_low",
+        "trend_high",
         "top_logit_tokens",
         "bottom_logit_tokens",
     ]
@@ -95,11 +98,6 @@ def test_planted_run_features_csv_and_summary(planted, tmp_path):
         assert float(r["de_projection"]) == pytest.approx(float(want["de"][i]), abs=1e-4)
         assert float(r["enc_dec_cosine"]) == pytest.approx(float(want["cos"][i]), abs=1e-4)
         assert float(r["decoder_norm"]) == pytest.approx(float(want["dec_norm"][i]), abs=1e-5)
-        if i in (30, 31):
-            # Resampled at 650: the fit uses only later (flat) windows.
-            assert float(r["density_slope"]) == pytest.approx(0.0, abs=1e-7)
-        else:
-            assert float(r["density_slope"]) == pytest.approx(slopes[i], abs=2e-5)
         assert r["held_out"] == ("true" if i in (0, 1, 2, 3, 4, 10, 11, 12) else "false")
         top = json.loads(r["top_logit_tokens"])
         bottom = json.loads(r["bottom_logit_tokens"])
@@ -119,15 +117,23 @@ def test_planted_run_features_csv_and_summary(planted, tmp_path):
     assert not any("cannot be told apart" in w for w in s["warnings"])
     assert (s["l0"], s["fvu"]) == (212.5, 0.45)  # metrics.jsonl's last line
     assert s["history"]["n_windows"] == len(STEPS) and s["history"]["n_resampling_events"] == 1
-    dt = s["dying_test"]
-    # Members: control 0-4, 10-12; rare (density < 1e-5 somewhere in their segment): 13-19;
-    # died after firing: 5-9 (their segment after 650 still has nonzero windows).
-    assert dt["by_group"]["control"]["n"] == 8
-    assert dt["by_group"]["rare"]["n"] == 12
-    assert dt["counts"]["died"] == 10
-    # 10-19: slopes 0 (10,13,16,19), -0.001, -0.002: all but the flat ones keep falling.
-    assert dt["counts"]["keeps_falling"] == 6 and dt["counts"]["settles"] == 4
-    assert "t-test" in dt["test"] and dt["verdict"]
+    # Groups: the control group; rare: firing below 1e-5 over the first quarter of their
+    # windows after burn-in (windows 1-3; for 5-9, resampled at 650, windows 7-8): 15 and 18
+    # fall at -0.002 per step and were above it then; live: never resampled and at or above
+    # 1e-5 over all their windows: 20-39 but the resampled 30, 31, and 18 (1.3e-5); 15 is
+    # neither (7.7e-6).
+    groups = [r["trajectory_group"] for r in rows]
+    assert [i for i, g in enumerate(groups) if g == "control"] == [0, 1, 2, 3, 4, 10, 11, 12]
+    assert [i for i, g in enumerate(groups) if g == "rare"] == [5, 6, 7, 8, 9, 13, 14, 16, 17, 19]
+    assert [i for i, g in enumerate(groups) if g == "live"] == [18, *range(20, 30), *range(32, 40)]
+    assert groups[15] == groups[30] == groups[31] == ""
+    assert all(
+        r["trajectory"] == "not_tested" for r in rows if r["trajectory_group"] in ("", "live")
+    )
+    dt = s["trajectory_test"]
+    assert dt["by_group"]["control"]["n"] == 8 and dt["by_group"]["rare"]["n"] == 10
+    assert dt["baseline"]["n_features"] == 19 and dt["alpha"] == 0.05
+    assert "quasi-Poisson" in dt["test"] and dt["verdict"]
     geo = s["geometry"]
     assert geo["ultra_rare"]["n"] == 10 and geo["live"]["n"] == 20
     assert -1 <= geo["ultra_rare"]["encoder_mean_cosine_to_mean_direction"] <= 1
@@ -191,7 +197,7 @@ def test_report_handle_reads_the_tables_back_typed(planted, tmp_path):
     assert all(isinstance(t, list) and len(t) == 10 for t in f["top_logit_tokens"])
     assert "40 features: 10 dead, 10 ultra-rare, 20 live" in repr(rep)
 
-    # Without logit weights the token columns are None; a planted empty slope reads as NaN.
+    # Without logit weights the token columns are None; an untested trend reads as NaN.
     from saekit.diagnostics.diagnose import DiagnoseConfig as Cfg
     from saekit.diagnostics.diagnose import diagnose as run_diagnose
 
@@ -200,7 +206,8 @@ def test_report_handle_reads_the_tables_back_typed(planted, tmp_path):
     run_diagnose(Cfg(run=str(tmp_path / "run2"), out=str(tmp_path / "rep2"), logits=False))
     f2 = Report.open(tmp_path / "rep2").features
     assert f2["top_logit_tokens"] == [None] * d_sae
-    assert np.isnan(f2["density_slope"][25]) and not np.isnan(f2["density_slope"][24])
+    assert np.isnan(f2["trend"][25]) and f2["trajectory"][25] == "not_tested"
+    assert f2["trajectory_group"].dtype.kind == "U" and np.isfinite(f2["trend"][14])
     with pytest.raises(SaekitError, match="not a report dir"):
         Report.open(tmp_path / "run")
 
@@ -231,57 +238,61 @@ def test_classify_and_geometry_on_planted_tensors(planted):
     assert geo["ultra_rare"]["decoder_l1_l2_ratio_over_sqrt_d"] == pytest.approx(1 / 4)
 
 
-# ---------------------------------------------------------------------------- dying test
+# ---------------------------------------------------------------------------- trajectory test
 
 
-def test_dying_test_classifies_planted_histories():
-    rng = np.random.default_rng(0)
-    steps = np.arange(1, 41) * 250
-    tokens = 2_000_000
-    n = 30
-    rate = np.zeros((len(steps), n))
-    rate[:, :10] = 10 ** (-4.0 - 1.5 * steps[:, None] / steps[-1])  # falls 1.5 decades
-    rate[:, 10:20] = 3e-5  # flat
-    rate[:, 20:30] = np.where(steps[:, None] < 5000, 2e-5, 0.0)  # dies at step 5000
-    counts = rng.poisson(rate * tokens)
-    control = torch.zeros(n, dtype=torch.bool)
-    control[::2] = True
-    t = dying.dying_test(
-        torch.tensor(counts),
-        torch.full((len(steps),), tokens),
-        torch.tensor(steps),
-        torch.zeros(0, dtype=torch.int64),
-        torch.zeros(0, n, dtype=torch.bool),
-        control,
-        rare_threshold=1e-4,
+def test_planted_classes_get_their_trajectory(planted, tmp_path):
+    hist, names = planted.trajectories()
+    d_sae = len(names)
+    W_enc, bias, W_dec, _ = planted.geometry(d_sae, D_IN)
+    planted.write_run(tmp_path / "run", W_enc, bias, W_dec, hist)
+    cfg = DiagnoseConfig(
+        run=str(tmp_path / "run"), out=str(tmp_path / "rep"), logits=False, rare_threshold=1e-3
     )
-    assert t.members.all()
-    assert list(t.outcome[:10]) == ["keeps_falling"] * 10
-    assert list(t.outcome[10:20]) == ["settles"] * 10
-    assert list(t.outcome[20:]) == ["died"] * 10
-    assert np.allclose(t.fit.slope[:10], -1.5 / steps[-1], rtol=0.3)  # Poisson noise at ~10 counts
-    s = dying.summarize(t)
-    assert s["counts"] == {"keeps_falling": 10, "settles": 10, "died": 10, "too_few_points": 0}
-    assert s["by_group"]["control"]["n"] == 15
-    assert "yes" in s["verdict"] and "t-test" in s["verdict"]
+    rep = diagnose(cfg)
+    f = rep.features
+    for name, want in planted.TRAJECTORY_CLASSES:
+        sel = names == name
+        group = "control" if name == "control" else "rare"
+        assert (f["trajectory_group"][sel] == group).all(), name
+        assert (f["trajectory"][sel] == want).all(), (name, f["trajectory"][sel])
+    live = names == "live"
+    assert (f["trajectory_group"][live] == "live").all()
+    assert (f["trajectory"][live] == "not_tested").all()
+    # Trends in decades per 1e7 tokens: the exponential's planted -0.375 inside its interval,
+    # the constant ones' intervals inside the +-0.3 band.
+    exp = names == "exponential"
+    assert ((f["trend_low"][exp] <= -0.375) & (-0.375 <= f["trend_high"][exp])).all()
+    assert np.median(f["trend"][exp]) == pytest.approx(-0.375, abs=0.05)
+    flat = np.isin(names, ("constant", "control"))
+    assert ((f["trend_low"][flat] > -0.3) & (f["trend_high"][flat] < 0.3)).all()
+    assert np.isnan(f["trend"][names == "too_few"]).all()
+    s = rep.summary["trajectory_test"]
+    assert s["by_group"]["rare"]["counts"] == {
+        "falling": 20, "settled": 10, "died": 10, "unresolved": 10
+    }  # fmt: skip
+    assert s["by_group"]["control"]["counts"]["settled"] == 10
+    assert s["baseline"]["n_features"] == 100
+    assert s["baseline"]["mean_density"] == pytest.approx(1e-2, rel=0.01)
+    assert s["band_decades_per_1e7_tokens"] == 0.3 and s["burn_in_tokens"] == 131_072
+    assert s["windows"]["n"] == 40 and s["verdict"].startswith("Mostly")
+    html = rep.html.read_text()
+    assert escape(s["verdict"]) in html and "Trajectory test: falling, settled" in html
 
 
-def test_t_cdf_matches_scipy():
-    from scipy import stats
-
-    t = np.array([-8.0, -2.5, -1.0, 0.0, 0.7, 3.0, -30.0])
-    df = np.array([1, 3, 7, 10, 2, 50, 4])
-    np.testing.assert_allclose(dying.t_cdf(t, df), stats.t.cdf(t, df), rtol=1e-9, atol=1e-12)
-    # OLS slope and p-value against scipy's linregress.
-    rng = np.random.default_rng(1)
-    x = np.arange(12.0)
-    y = -0.05 * x + rng.normal(0, 0.2, 12)
-    fit = dying.fit_log_density(y[:, None], x, np.ones((12, 1), bool))
-    ref = stats.linregress(x, y)
-    assert fit.slope[0] == pytest.approx(ref.slope) and fit.intercept[0] == pytest.approx(
-        ref.intercept
-    )
-    assert fit.p_falling[0] == pytest.approx(ref.pvalue / 2)  # linregress is two-sided
+def test_ultra_rare_count_only_where_the_window_resolves_it(planted, tmp_path, capsys):
+    d_sae = 40
+    W_enc, bias, W_dec, _ = planted.geometry(d_sae, D_IN)
+    hist, _ = planted.history(d_sae)
+    hist["window_tokens"][:] = 100_000  # resolves only densities >= 1e-5
+    planted.write_run(tmp_path / "run", W_enc, bias, W_dec, hist)
+    rep = diagnose(DiagnoseConfig(run=str(tmp_path / "run"), out=str(tmp_path / "r"), logits=False))
+    s = rep.summary
+    assert s["counts"]["ultra_rare"] is None and s["fractions"]["ultra_rare"] is None
+    assert s["resolvable"] == {"dead": True, "ultra_rare": False}
+    assert isinstance(s["counts"]["dead"], int)
+    assert "ultra-rare not resolvable" in capsys.readouterr().out
+    assert "not resolvable" in rep.html.read_text() and "not resolvable" in repr(rep)
 
 
 # ---------------------------------------------------------------------------- logit weights
@@ -443,14 +454,17 @@ def test_cli_diagnose_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_dying_test_pools_small_windows_but_never_across_a_resampling():
+def test_display_windows_pool_small_windows_but_never_across_a_resampling():
+    from types import SimpleNamespace
+
+    from saekit.diagnostics.figures import display_windows
+
     # 10 windows of 100 tokens ending at steps 1..10; a resampling event after step 6.
-    counts = torch.arange(10)[:, None].repeat(1, 2)
-    c, tok, end = dying.pool_windows(
-        counts, torch.full((10,), 100), torch.arange(1, 11), torch.tensor([6]), 300
+    hist = SimpleNamespace(
+        window_tokens=torch.full((10,), 100),
+        window_end_step=torch.arange(1, 11),
+        resample_steps=torch.tensor([6]),
     )
     # Pooled backwards from the end to >= 300 tokens; the event cuts the window ending at 7
     # (the first after it) off from the ones before.
-    assert end.tolist() == [3, 6, 7, 10]
-    assert tok.tolist() == [300, 300, 100, 300]
-    assert c[:, 0].tolist() == [0 + 1 + 2, 3 + 4 + 5, 6, 7 + 8 + 9]
+    assert display_windows(hist, 300).tolist() == [0, 3, 6, 7]

@@ -1,4 +1,4 @@
-"""The dying test end to end on the default model: do ultra-rare features keep dying, or settle?
+"""The trajectory test end to end on the default model: do rare features keep dying, or settle?
 
     python -m saekit.scripts.experiments.rare_features                 # ~25-30 min on 2 CPU cores
     python -m saekit.scripts.experiments.rare_features --steps 300     # a quick smoke run
@@ -7,7 +7,7 @@ Anthropic's A/1 recipe in small: relu_l1 on the default model's MLP neurons (`ml
 wide) with 4,096 features, Anthropic resampling at several points, and half of each resampling's
 picks held out (never resampled) as the control group. The density history's windows are large
 enough to resolve densities of ~1e-5 each; the report pools the last windows so that the class
-thresholds (ultra-rare < 1e-6) are resolvable. The verdict is the report's dying test.
+thresholds (ultra-rare < 1e-6) are resolvable. The verdict is the report's trajectory test.
 Outputs in --out: cache/, run/ (with eval.json), report/, experiment.json.
 """
 
@@ -25,7 +25,7 @@ from saekit.sae.errors import SaekitError
 @dataclass
 class RareFeatureConfig:
     """Train a 4,096-feature relu_l1 SAE on the default model with resampling and a held-out
-    control group, then run the dying test and write the report."""
+    control group, then run the trajectory test and write the report."""
 
     out: str = "saekit-rare-features"
     """output dir (cache/, run/, report/, experiment.json)"""
@@ -124,7 +124,7 @@ def rare_feature_experiment(cfg: RareFeatureConfig) -> Path:
         "fvu_pooled": ev.metrics["fvu_pooled"],
         "loss_recovered_zero": ev.metrics["loss_recovered_zero"],
         "loss_recovered_mean": ev.metrics["loss_recovered_mean"],
-        "dying_test": summary.get("dying_test"),
+        "trajectory_test": summary.get("trajectory_test"),
         "geometry": summary.get("geometry"),
         "report": str(report / "report.html"),
         "anthropic_a1": {"features": 4096, "dead": 168, "ultra_rare": 292},
@@ -136,7 +136,7 @@ def rare_feature_experiment(cfg: RareFeatureConfig) -> Path:
         f"ultra-rare, {c['live']} live (Anthropic A/1: 168 dead, 292 ultralow of 4,096); "
         f"{summary.get('held_out')} held out; {doc['seconds']:.0f}s"
     )
-    print(f"verdict: {(summary.get('dying_test') or {}).get('verdict')}")
+    print(f"verdict: {(summary.get('trajectory_test') or {}).get('verdict')}")
     print(f"report: {doc['report']}")
     return out
 
