@@ -1,0 +1,201 @@
+"""Measuring an SAE spliced into its model: reconstruction metrics (L0, MSE, both FVUs) and the
+next-token CE and KL with the site clean, spliced, zero- and mean-ablated. The conventions are
+in diagnostics/evaluate.py's docstring (and eval.json).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..sae.errors import SaekitError
+
+# x [N, d_in] -> (reconstruction [N, d_in], dense feature activations [N, d_sae])
+SAEFn = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def _layer_of(hook_name: str) -> int | None:
+    m = re.match(r"blocks\.(\d+)\.", hook_name)
+    return int(m.group(1)) if m else None
+
+
+class Recon:
+    """Running sums for L0, MSE and both FVUs, in float64 so that 1e5+ tokens add up exactly."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sq_err = 0.0
+        self.sq_norm = 0.0
+        self.sum_x: Tensor | None = None
+        self.l0 = 0.0
+        self.fvu_tok = 0.0
+
+    def add(self, x: Tensor, recon: Tensor, feats: Tensor) -> None:
+        x, recon = x.double(), recon.double()
+        err = (x - recon).pow(2).sum(-1)
+        var_b = (x - x.mean(0)).pow(2).sum(-1)
+        self.n += x.shape[0]
+        self.sq_err += err.sum().item()
+        self.sq_norm += x.pow(2).sum().item()
+        s = x.sum(0).cpu()
+        self.sum_x = s if self.sum_x is None else self.sum_x + s
+        self.l0 += (feats > 0).sum().item()
+        # A token exactly at the batch mean has no variance to explain; count it as fully explained
+        # when the reconstruction is exact too, else drop it (as SAELens' ratio would be inf).
+        self.fvu_tok += torch.where(var_b > 0, err / var_b.clamp_min(1e-30), 0.0).sum().item()
+
+    def result(self) -> dict:
+        if self.n == 0:
+            raise SaekitError("no non-BOS tokens to evaluate; pass more --tokens")
+        total_var = self.sq_norm - self.sum_x.pow(2).sum().item() / self.n
+        return {
+            "l0": self.l0 / self.n,
+            "mse": self.sq_err / self.n,
+            "fvu_pooled": self.sq_err / total_var if total_var > 0 else float("nan"),
+            "fvu_per_token_mean": self.fvu_tok / self.n,
+        }
+
+
+def _ce_and_logp(logits: Tensor, toks: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-position CE of predicting toks[:, 1:] and the log-probs it came from (positions :-1)."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    ce = -logp.gather(-1, toks[:, 1:, None]).squeeze(-1)
+    return ce, logp
+
+
+@torch.no_grad()
+def site_mean(
+    model, tokens: Tensor, hook_name: str, batch_size: int, bos_id: int | None, device="cpu"
+) -> Tensor:
+    """Mean activation at the hook over the non-BOS positions of `tokens` (for mean ablation)."""
+    layer = _layer_of(hook_name)
+    total, n = None, 0
+    store: dict[str, Tensor] = {}
+
+    def grab(act, hook):
+        store["x"] = act
+
+    for i in range(0, len(tokens), batch_size):
+        toks = tokens[i : i + batch_size].to(device)
+        # Only the blocks up to the hook's are needed (stop_at_layer skips ln_final and W_U).
+        if layer is not None:
+            model.run_with_hooks(toks, fwd_hooks=[(hook_name, grab)], stop_at_layer=layer + 1)
+        else:
+            model.run_with_hooks(toks, fwd_hooks=[(hook_name, grab)])
+        x = store["x"]
+        mask = toks != bos_id if bos_id is not None else torch.ones_like(toks, dtype=torch.bool)
+        s = x[mask].double().sum(0)
+        total = s if total is None else total + s
+        n += int(mask.sum())
+    return (total / max(n, 1)).to(x.dtype)
+
+
+@torch.no_grad()
+def splice_metrics(
+    model,
+    tokens: Tensor,
+    hook_name: str,
+    sae_fn: SAEFn,
+    batch_size: int = 32,
+    bos_id: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Reconstruction metrics and CE / KL with the site clean, spliced, zero- and mean-ablated.
+
+    `sae_fn` maps activations [N, d_in] at non-BOS positions to (reconstruction, features)."""
+    if hook_name not in model.hook_dict:
+        raise SaekitError(f"hook {hook_name} is not in the model; pick one of model.hook_dict")
+    mean = site_mean(model, tokens, hook_name, batch_size, bos_id, device)
+    rec = Recon()
+    ce = {"clean": 0.0, "spliced": 0.0, "zero_ablated": 0.0, "mean_ablated": 0.0}
+    kl, n_loss = 0.0, 0
+    store: dict[str, Tensor] = {}
+
+    def grab(act, hook):
+        store["x"] = act
+
+    def put(act, hook):
+        return store["replace"]
+
+    batches = range(0, len(tokens), batch_size)
+    for i in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
+        toks = tokens[i : i + batch_size].to(device)
+        mask = toks != bos_id if bos_id is not None else torch.ones_like(toks, dtype=torch.bool)
+        loss_mask = mask[:, :-1]
+        logits = model.run_with_hooks(toks, fwd_hooks=[(hook_name, grab)])
+        ce_clean, logp_clean = _ce_and_logp(logits, toks)
+        x = store["x"]
+
+        recon, feats = sae_fn(x[mask])
+        rec.add(x[mask], recon, feats)
+        spliced = x.clone()
+        spliced[mask] = recon.to(x.dtype)
+        keep = ~mask.view(*mask.shape, *([1] * (x.dim() - 2)))
+        variants = {
+            "spliced": spliced,
+            "zero_ablated": torch.where(keep, x, torch.zeros_like(x)),
+            "mean_ablated": torch.where(keep, x, mean.expand_as(x)),
+        }
+        ce["clean"] += ce_clean[loss_mask].double().sum().item()
+        for name, xr in variants.items():
+            store["replace"] = xr
+            logits = model.run_with_hooks(toks, fwd_hooks=[(hook_name, put)])
+            if name == "spliced":
+                ce_v, logp_v = _ce_and_logp(logits, toks)
+                kl_tok = (logp_clean.exp() * (logp_clean - logp_v)).sum(-1)
+                kl += kl_tok[loss_mask].double().sum().item()
+            else:  # fused and cheaper: the full log-probs are only needed for the KL
+                ce_v = F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), toks[:, 1:].flatten(), reduction="none"
+                ).view_as(loss_mask)
+            ce[name] += ce_v[loss_mask].double().sum().item()
+        n_loss += int(loss_mask.sum())
+
+    out = rec.result()
+    out.update({f"ce_{k}": v / max(n_loss, 1) for k, v in ce.items()})
+    for base in ("zero_ablated", "mean_ablated"):
+        gap = out[f"ce_{base}"] - out["ce_clean"]
+        rec_ = (out[f"ce_{base}"] - out["ce_spliced"]) / gap if gap != 0 else float("nan")
+        out[f"loss_recovered_{base.split('_')[0]}"] = rec_
+    out["kl_clean_spliced"] = kl / max(n_loss, 1)
+    out["n_tokens"] = rec.n
+    return out
+
+
+@torch.no_grad()
+def derived_site_metrics(
+    model,
+    tokens: Tensor,
+    meta: dict,
+    sae_fn: SAEFn,
+    batch_size: int,
+    bos_id: int | None,
+    device: str,
+) -> dict:
+    """Reconstruction metrics only, for a derived site (no hook to splice into): its activations
+    are derived from the model's as the cache derives them."""
+    from ..activations.sites import harvest, resolve_hook
+
+    site = meta.get("site")
+    s_ = resolve_hook(model, site, meta.get("layer"), None)
+    rec = Recon()
+    for i in range(0, len(tokens), batch_size):
+        toks = tokens[i : i + batch_size].to(device)
+        keep = (toks != bos_id) if bos_id is not None else torch.ones_like(toks, dtype=torch.bool)
+        (x,) = harvest(model, toks, keep.reshape(-1).nonzero().squeeze(1), [s_])
+        rec.add(x, *sae_fn(x))
+    return {
+        **rec.result(),
+        "n_tokens": rec.n,
+        "not_spliced_reason": (
+            f"site {site} is derived: the forward pass never computes it (it is mlp_out through "
+            "ln_final's linear approximation and W_U), so a reconstruction of it has no hook to go "
+            "into; CE, loss recovered and KL are not measured, only L0, MSE and FVU."
+        ),
+    }
