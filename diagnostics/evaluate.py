@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -54,6 +55,11 @@ class EvaluateConfig:
     """contexts per forward pass"""
     device: str = "cpu"
     """torch device"""
+    ablate: str | None = None
+    """also splice the SAE with a class of features zeroed at once and report delta-MSE,
+    delta-CE and delta-KL against the full SAE: comma-separated items, each one ablation: dead,
+    ultra_rare, live (from the density history), control (the held-out control group), or a
+    file of feature indices"""
 
 
 class Evaluation(NamedTuple):
@@ -85,15 +91,17 @@ def feature_classes(run_dir: Path) -> dict:
     cls = classify(density, 1, DEAD_DENSITY, ULTRA_RARE_DENSITY)
     d_sae = len(density)
     dead, ultra = int((cls == DEAD).sum()), int((cls == ULTRA_RARE).sum())
+    # With fewer than 1e6 tokens in the window, no non-zero density is below 1e-6: the count
+    # would be a 0 that means nothing, so it is None.
+    resolvable = n is None or n * ULTRA_RARE_DENSITY >= 1
     return {
         "d_sae": d_sae,
         "dead": dead,
-        "ultra_rare": ultra,
+        "ultra_rare": ultra if resolvable else None,
         "dead_fraction": dead / d_sae,
-        "ultra_rare_fraction": ultra / d_sae,
+        "ultra_rare_fraction": ultra / d_sae if resolvable else None,
         "ultra_rare_threshold": ULTRA_RARE_DENSITY,
-        # With fewer than 1e6 tokens in the window, no non-zero density is below 1e-6.
-        "ultra_rare_resolvable": n is None or n * ULTRA_RARE_DENSITY >= 1,
+        "ultra_rare_resolvable": resolvable,
         "density_source": source,
     }
 
@@ -131,6 +139,25 @@ def print_table(m: dict) -> None:
         if v is None:
             continue
         print(f"  {label:<44} {v:.6g}")
+
+
+def print_ablations(ablations: dict) -> None:
+    """A row per --ablate item: its features and the deltas against the full SAE."""
+    for name, r in ablations.items():
+        deltas = [f"delta-MSE {r['delta_mse']:.6g}"]
+        deltas += [
+            f"delta-{k.upper()} {r['delta_' + k]:.6g}"
+            for k in ("ce", "kl")
+            if r.get("delta_" + k) is not None
+        ]
+        print(f"  ablate {name} ({r['n_features']} features): {', '.join(deltas)}")
+
+
+def _finite(x):
+    """NaN/inf (not JSON) as None, in nested dicts too."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 def check_cache_of_run(cache_dir: Path, manifest: dict, meta: dict, run_dir: Path) -> None:
@@ -232,8 +259,13 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
     from ..sae.io import atomic_write_json
 
     run_dir, sae, meta = _load_run(cfg)
+    masks, ablate_note = {}, {}
+    if cfg.ablate is not None:
+        from .ablate import ablation_masks
+
+        masks, ablate_note = ablation_masks(run_dir, cfg.ablate, sae.W_dec.shape[0])
     if meta["model_name"] == "synthetic":
-        return _evaluate_synthetic(cfg, run_dir, sae)
+        return _evaluate_synthetic(cfg, run_dir, sae, masks, ablate_note)
     dataset, split, col = _dataset_spec(meta.get("dataset"), cfg.dataset, cfg.split)
     include_bos = _cache_kept_bos(run_dir, meta)
     model = load_model(meta["model_name"], device=cfg.device)
@@ -241,29 +273,35 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
     tokens = _eval_tokens(cfg, model, meta, run_dir, dataset, split, col)
     bos = None if include_bos else model.tokenizer.bos_token_id
 
-    def sae_fn(x: Tensor) -> tuple[Tensor, Tensor]:
+    def sae_fn(x: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
         f = sae.encode(x.float())
-        return sae.decode(f), f
+        return sae.decode(f if keep is None else f * keep), f
 
+    abl = {k: partial(sae_fn, keep=(~m).to(sae.W_dec)) for k, m in masks.items()}
     derived = meta.get("site") in DERIVED
     if derived:
-        m = derived_site_metrics(model, tokens, meta, sae_fn, cfg.batch_size, bos, cfg.device)
+        m = derived_site_metrics(
+            model, tokens, meta, sae_fn, cfg.batch_size, bos, cfg.device, ablations=abl
+        )
     else:
         m = splice_metrics(
-            model, tokens, meta["hook_name"], sae_fn, cfg.batch_size, bos, cfg.device
-        )
+            model, tokens, meta["hook_name"], sae_fn, cfg.batch_size, bos, cfg.device,
+            ablations=abl,
+        )  # fmt: skip
+    for k, r in m.get("ablations", {}).items():
+        m["ablations"][k] = {"n_features": int(masks[k].sum()), **r}
     header = _header(meta, dataset, split, derived, include_bos)
     metrics = {**header, **m, **feature_classes(run_dir)}
-    metrics = {
-        k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-        for k, v in metrics.items()
-    }
+    if masks:
+        metrics["ablation_classes"] = ablate_note
+    metrics = _finite(metrics)
     path = run_dir / "eval.json"
     atomic_write_json(path, metrics)
     print(
         f"saekit evaluate: {metrics['model']} {meta['hook_name']}, {metrics['n_tokens']:,} tokens of {dataset}/{split}"
     )
     print_table(metrics)
+    print_ablations(metrics.get("ablations", {}))
     if derived:
         print(f"  note: {metrics['not_spliced_reason']}")
     print(f"wrote {path}")
@@ -271,9 +309,12 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
 
 
 @torch.no_grad()
-def _evaluate_synthetic(cfg: EvaluateConfig, run_dir: Path, sae) -> Evaluation:
+def _evaluate_synthetic(
+    cfg: EvaluateConfig, run_dir: Path, sae, masks: dict, ablate_note: dict
+) -> Evaluation:
     """A run on synthetic activations: L0, MSE and FVU on --tokens fresh rows of its source
-    (apart from the training stream), and the scoring against its true features."""
+    (apart from the training stream), and the scoring against its true features; --ablate:
+    delta-MSE only (no model: no CE, no KL)."""
     from ..activations.synthetic import SyntheticSource
     from ..sae.io import atomic_write_json
     from .ground_truth import ScoreConfig, score
@@ -281,10 +322,15 @@ def _evaluate_synthetic(cfg: EvaluateConfig, run_dir: Path, sae) -> Evaluation:
     truth = SyntheticSource.load(run_dir)
     x = truth.sample(cfg.tokens, seed=0xE7A1)
     rec, counts = Recon(), torch.zeros(sae.W_dec.shape[0], dtype=torch.int64)
+    keeps = {k: (~m).to(sae.W_dec) for k, m in masks.items()}
+    sums = {k: {"sq_err": 0.0} for k in masks}
     for i in range(0, len(x), 4096):
-        f = sae.encode(x[i : i + 4096].to(cfg.device))
-        rec.add(x[i : i + 4096].to(cfg.device), sae.decode(f), f)
+        xb = x[i : i + 4096].to(cfg.device)
+        f = sae.encode(xb)
+        rec.add(xb, sae.decode(f), f)
         counts += (f > 0).sum(0).cpu()
+        for k, keep in keeps.items():
+            sums[k]["sq_err"] += (xb - sae.decode(f * keep)).double().pow(2).sum().item()
     gt = score(sae, truth, counts, cfg.tokens, ScoreConfig())
     metrics = {
         "model": "synthetic", "spliced": False, "dataset": "synthetic", "split": None,
@@ -295,10 +341,13 @@ def _evaluate_synthetic(cfg: EvaluateConfig, run_dir: Path, sae) -> Evaluation:
         "mse_definition": "mean over rows of ||x-x_hat||^2",
         **rec.result(), "n_tokens": rec.n, **feature_classes(run_dir), "ground_truth": gt.summary(),
     }  # fmt: skip
-    metrics = {
-        k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-        for k, v in metrics.items()
-    }
+    if masks:
+        from .ablate import ablation_results
+
+        res = ablation_results(metrics, sums, rec.n, 0)
+        metrics["ablations"] = {k: {"n_features": int(masks[k].sum()), **r} for k, r in res.items()}
+        metrics["ablation_classes"] = ablate_note
+    metrics = _finite(metrics)
     path = run_dir / "eval.json"
     atomic_write_json(path, metrics)
     m = gt.summary()["matching"]
@@ -306,6 +355,7 @@ def _evaluate_synthetic(cfg: EvaluateConfig, run_dir: Path, sae) -> Evaluation:
         f"saekit evaluate: synthetic, {rec.n:,} fresh rows; {m['n_matched']} of {m['n_true']} true features matched"
     )
     print_table(metrics)
+    print_ablations(metrics.get("ablations", {}))
     print(f"  note: {metrics['not_spliced_reason']}")
     print(f"wrote {path}")
     return Evaluation(path, metrics)

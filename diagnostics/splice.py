@@ -1,6 +1,7 @@
 """Measuring an SAE spliced into its model: reconstruction metrics (L0, MSE, both FVUs) and the
-next-token CE and KL with the site clean, spliced, zero- and mean-ablated. The conventions are
-in diagnostics/evaluate.py's docstring (and eval.json).
+next-token CE and KL with the site clean, spliced, zero- and mean-ablated, and with any number
+of ablated SAEs (`saekit evaluate --ablate`, diagnostics/ablate.py). The conventions are in
+diagnostics/evaluate.py's docstring (and eval.json).
 """
 
 from __future__ import annotations
@@ -95,6 +96,12 @@ def site_mean(
     return (total / max(n, 1)).to(x.dtype)
 
 
+def _splice(model, toks, hook_name: str, store: dict, x: Tensor):
+    """Logits with the hook's activations replaced by x."""
+    store["replace"] = x
+    return model.run_with_hooks(toks, fwd_hooks=[(hook_name, lambda act, hook: store["replace"])])
+
+
 @torch.no_grad()
 def splice_metrics(
     model,
@@ -105,23 +112,25 @@ def splice_metrics(
     bos_id: int | None = None,
     device: str = "cpu",
     progress: bool = True,
+    ablations: dict[str, SAEFn] | None = None,
 ) -> dict:
     """Reconstruction metrics and CE / KL with the site clean, spliced, zero- and mean-ablated.
 
-    `sae_fn` maps activations [N, d_in] at non-BOS positions to (reconstruction, features)."""
+    `sae_fn` maps activations [N, d_in] at non-BOS positions to (reconstruction, features);
+    each of `ablations` is another such map (the SAE with some features zeroed), spliced in the
+    same way: its MSE, CE and KL go to out["ablations"] (diagnostics/ablate.py)."""
     if hook_name not in model.hook_dict:
         raise SaekitError(f"hook {hook_name} is not in the model; pick one of model.hook_dict")
     mean = site_mean(model, tokens, hook_name, batch_size, bos_id, device)
     rec = Recon()
-    ce = {"clean": 0.0, "spliced": 0.0, "zero_ablated": 0.0, "mean_ablated": 0.0}
-    kl, n_loss = 0.0, 0
+    ce = {"clean": 0.0, "zero_ablated": 0.0, "mean_ablated": 0.0}
+    fns = {"spliced": sae_fn, **(ablations or {})}
+    sums = {k: {"sq_err": 0.0, "ce": 0.0, "kl": 0.0} for k in fns}  # per spliced variant
+    n_loss = 0
     store: dict[str, Tensor] = {}
 
     def grab(act, hook):
         store["x"] = act
-
-    def put(act, hook):
-        return store["replace"]
 
     batches = range(0, len(tokens), batch_size)
     for i in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
@@ -131,40 +140,49 @@ def splice_metrics(
         logits = model.run_with_hooks(toks, fwd_hooks=[(hook_name, grab)])
         ce_clean, logp_clean = _ce_and_logp(logits, toks)
         x = store["x"]
-
-        recon, feats = sae_fn(x[mask])
-        rec.add(x[mask], recon, feats)
-        spliced = x.clone()
-        spliced[mask] = recon.to(x.dtype)
-        keep = ~mask.view(*mask.shape, *([1] * (x.dim() - 2)))
-        variants = {
-            "spliced": spliced,
-            "zero_ablated": torch.where(keep, x, torch.zeros_like(x)),
-            "mean_ablated": torch.where(keep, x, mean.expand_as(x)),
-        }
         ce["clean"] += ce_clean[loss_mask].double().sum().item()
-        for name, xr in variants.items():
-            store["replace"] = xr
-            logits = model.run_with_hooks(toks, fwd_hooks=[(hook_name, put)])
+        keep = ~mask.view(*mask.shape, *([1] * (x.dim() - 2)))
+        for name, fn in fns.items():
+            recon, feats = fn(x[mask])
             if name == "spliced":
-                ce_v, logp_v = _ce_and_logp(logits, toks)
-                kl_tok = (logp_clean.exp() * (logp_clean - logp_v)).sum(-1)
-                kl += kl_tok[loss_mask].double().sum().item()
-            else:  # fused and cheaper: the full log-probs are only needed for the KL
-                ce_v = F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), toks[:, 1:].flatten(), reduction="none"
-                ).view_as(loss_mask)
+                rec.add(x[mask], recon, feats)
+            spliced = x.clone()
+            spliced[mask] = recon.to(x.dtype)
+            ce_v, logp_v = _ce_and_logp(_splice(model, toks, hook_name, store, spliced), toks)
+            kl_tok = (logp_clean.exp() * (logp_clean - logp_v)).sum(-1)
+            s = sums[name]
+            s["sq_err"] += (x[mask] - recon).double().pow(2).sum().item()
+            s["ce"] += ce_v[loss_mask].double().sum().item()
+            s["kl"] += kl_tok[loss_mask].double().sum().item()
+        for name, xr in (
+            ("zero_ablated", torch.where(keep, x, torch.zeros_like(x))),
+            ("mean_ablated", torch.where(keep, x, mean.expand_as(x))),
+        ):  # fused and cheaper: the full log-probs are only needed for the KL
+            logits = _splice(model, toks, hook_name, store, xr)
+            ce_v = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), toks[:, 1:].flatten(), reduction="none"
+            ).view_as(loss_mask)
             ce[name] += ce_v[loss_mask].double().sum().item()
         n_loss += int(loss_mask.sum())
+    return _results(rec, ce, sums, n_loss)
 
+
+def _results(rec: Recon, ce: dict, sums: dict, n_loss: int) -> dict:
+    """splice_metrics' dict from its sums: means per token, loss recovered, the ablations."""
     out = rec.result()
+    full = sums.pop("spliced")
+    ce["spliced"] = full["ce"]
     out.update({f"ce_{k}": v / max(n_loss, 1) for k, v in ce.items()})
     for base in ("zero_ablated", "mean_ablated"):
         gap = out[f"ce_{base}"] - out["ce_clean"]
         rec_ = (out[f"ce_{base}"] - out["ce_spliced"]) / gap if gap != 0 else float("nan")
         out[f"loss_recovered_{base.split('_')[0]}"] = rec_
-    out["kl_clean_spliced"] = kl / max(n_loss, 1)
+    out["kl_clean_spliced"] = full["kl"] / max(n_loss, 1)
     out["n_tokens"] = rec.n
+    if sums:
+        from .ablate import ablation_results
+
+        out["ablations"] = ablation_results(out, sums, rec.n, n_loss)
     return out
 
 
@@ -177,21 +195,30 @@ def derived_site_metrics(
     batch_size: int,
     bos_id: int | None,
     device: str,
+    ablations: dict[str, SAEFn] | None = None,
 ) -> dict:
     """Reconstruction metrics only, for a derived site (no hook to splice into): its activations
-    are derived from the model's as the cache derives them."""
+    are derived from the model's as the cache derives them. Ablations: MSE only."""
     from ..activations.sites import harvest, resolve_hook
 
     site = meta.get("site")
     s_ = resolve_hook(model, site, meta.get("layer"), None)
     rec = Recon()
+    sums = {k: {"sq_err": 0.0} for k in ablations or {}}
     for i in range(0, len(tokens), batch_size):
         toks = tokens[i : i + batch_size].to(device)
         keep = (toks != bos_id) if bos_id is not None else torch.ones_like(toks, dtype=torch.bool)
         (x,) = harvest(model, toks, keep.reshape(-1).nonzero().squeeze(1), [s_])
         rec.add(x, *sae_fn(x))
+        for k, fn in (ablations or {}).items():
+            sums[k]["sq_err"] += (x - fn(x)[0]).double().pow(2).sum().item()
+    out = rec.result()
+    if sums:
+        from .ablate import ablation_results
+
+        out["ablations"] = ablation_results(out, sums, rec.n, 0)
     return {
-        **rec.result(),
+        **out,
         "n_tokens": rec.n,
         "not_spliced_reason": (
             f"site {site} is derived: the forward pass never computes it (it is mlp_out through "

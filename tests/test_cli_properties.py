@@ -458,6 +458,7 @@ EVAL_BAD = table(
     ("device", st.one_of(st.sampled_from(["cuda", "meta", "tpu", "mps"]), JUNK.map(lambda s: "dev" + s))),
     ("dataset", JUNK.map(lambda s: f"/nonexistent/{s}.jsonl")),
     ("split", JUNK.map(lambda s: "nosplit" + s)),
+    ("ablate", st.one_of(st.sampled_from(["nope", "dead,,live", ",", "Dead"]), JUNK.map(lambda s: "/nonexistent/" + s))),
 )  # fmt: skip
 
 

@@ -221,6 +221,14 @@ def test_synthetic_run_is_diagnosed_and_evaluated_against_its_truth(tmp_path, ca
     ev = json.loads((run / "eval.json").read_text())
     assert ev["spliced"] is False and ev["ground_truth"]["matching"]["n_matched"] == 64
     assert ev["fvu_pooled"] > 0 and ev["l0"] > 0
+    # --ablate on a synthetic run: delta-MSE only (no model to take CE from).
+    (tmp_path / "some.txt").write_text("0 1 2")
+    cli.main(
+        ["evaluate", "--run", str(run), "--tokens", "8192", "--ablate", str(tmp_path / "some.txt")]
+    )
+    r = json.loads((run / "eval.json").read_text())["ablations"][str(tmp_path / "some.txt")]
+    assert r["n_features"] == 3 and r["delta_mse"] != 0 and "delta_ce" not in r
+    assert r["mse"] - r["delta_mse"] == pytest.approx(ev["mse"])  # the same fresh rows
     sae_lens = pytest.importorskip("sae_lens")
     theirs = sae_lens.SAE.load_from_disk(str(run))
     x = truth.sample(256, seed=1)
