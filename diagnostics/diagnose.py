@@ -348,6 +348,23 @@ def build_summary(
     }
 
 
+def input_sign(meta: dict, model, dens: Density) -> dict:
+    """Whether the SAE's inputs are non-negative (so the negative-orthant check means
+    something): measured on the cache rows with --cache; otherwise known for mlp_post of a model
+    whose MLP activation is ReLU (or not); else unknown (None)."""
+    site = meta.get("site")
+    if dens.fresh is not None:
+        x_min = dens.fresh.x_min
+        how = f"the smallest of the {dens.n_tokens} measured cache rows' values is {x_min:.4g}"
+        return {"non_negative": x_min >= 0, "how": how}
+    act = getattr(getattr(model, "cfg", None), "act_fn", None)
+    if site == "mlp_post" and act is not None:
+        return {"non_negative": act == "relu", "how": f"mlp_post of a model whose act_fn is {act}"}
+    if site == "mlp_post":
+        return {"non_negative": None, "how": "unknown without the run's model: pass --cache"}
+    return {"non_negative": False, "how": f"site {site}: signed activations"}
+
+
 def class_line(summary: dict) -> str:
     """The line "N features: a dead, b ultra-rare, c live", the ultra-rare count only where the
     window resolves it."""
@@ -403,7 +420,11 @@ def diagnose(cfg: DiagnoseConfig) -> Report:
         logits = logit_weights_step(cfg, model, inp.meta, W_dec, vocab, warnings)
     vocab = logits.vocab
     neuron_basis = inp.meta.get("site") == "mlp_post"
-    geometry = rare_cluster_geometry(W_enc, W_dec, classes, neuron_basis=neuron_basis)
+    inputs = input_sign(inp.meta, model, dens)
+    geometry = rare_cluster_geometry(
+        W_enc, W_dec, classes, neuron_basis, inp.control, bool(inputs["non_negative"])
+    )
+    geometry["inputs"] = inputs
     summary = build_summary(
         cfg, inp, dens, classes, geometry, traj_summary, logits, chosen, warnings
     )

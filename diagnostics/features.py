@@ -8,6 +8,7 @@ so it can be tested on planted values; `diagnostics/diagnose.py` wires it to a r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -54,26 +55,66 @@ def feature_geometry(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor) -> FeatureGeom
     return FeatureGeometry(b_enc.float(), de, cos, dec_norm)
 
 
+def encoder_alignment(enc: Tensor) -> dict:
+    """How a set of encoder vectors (rows of enc [n, d_in], any norms) lie with respect to each
+    other, on unit vectors: the mean cosine to their normalised mean direction (1 = identical,
+    ~0 = spread), and the top singular value's share of the squared Frobenius norm (1 = all on
+    one line, either sign; about (sqrt(n) + sqrt(d))^2 / (n d) for random directions, the
+    Marchenko-Pastur edge, given beside it)."""
+    n, d = enc.shape
+    e = enc / enc.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    mean_dir = e.mean(0)
+    mean_dir = mean_dir / mean_dir.norm().clamp_min(1e-12)
+    top = torch.linalg.eigvalsh(e.T.double() @ e.double())[-1] / n  # ||e||_F^2 = n
+    return {
+        "encoder_mean_cosine_to_mean_direction": float((e @ mean_dir).mean()),
+        "encoder_top_singular_share": float(top),
+        "encoder_top_singular_share_random": min(1.0, (n**0.5 + d**0.5) ** 2 / (n * d)),
+    }
+
+
+def negative_orthant(enc: Tensor) -> dict:
+    """For non-negative inputs: a feature whose encoder is all <= 0 (with a negative effective
+    threshold) has every input on the silent side of its hyperplane. Per set of encoder rows
+    enc [n, d_in]: the mean and median share of each row's squared norm in its negative
+    entries (0.5 for random directions), and the fraction of rows with no positive entry."""
+    sq = enc.double().pow(2)
+    share = (sq * (enc < 0)).sum(1) / sq.sum(1).clamp_min(1e-300)
+    return {
+        "encoder_negative_mass_mean": float(share.mean()),
+        "encoder_negative_mass_median": float(share.median()),
+        "encoder_all_nonpositive_fraction": float((enc <= 0).all(1).double().mean()),
+    }
+
+
 def rare_cluster_geometry(
-    W_enc: Tensor, W_dec: Tensor, classes: Tensor, neuron_basis: bool
+    W_enc: Tensor,
+    W_dec: Tensor,
+    classes: Tensor,
+    neuron_basis: bool,
+    control: Tensor | None = None,
+    non_negative: bool = False,
 ) -> dict:
-    """Do ultra-rare features share one encoder direction? Per class: the mean cosine of the
-    (unit) encoder vectors to their normalised mean direction (1 = all identical, ~0 = spread).
-    For `mlp_post` runs (neuron_basis) also the decoder sparsity in the neuron basis: the L1/L2
-    ratio divided by sqrt(d_in) (1 = dense, 1/sqrt(d_in) = one neuron) and the fraction of squared
-    norm in the top 10 neurons. Values are None for a class with fewer than 2 features."""
+    """Do ultra-rare features share one encoder direction, or hide behind a hyperplane with all
+    data on one side? Per class (and for the `control` group when given): `encoder_alignment`;
+    with `non_negative` inputs (e.g. ReLU MLP neurons) `negative_orthant`; for `mlp_post` runs
+    (neuron_basis) the decoder sparsity in the neuron basis: the L1/L2 ratio divided by
+    sqrt(d_in) (1 = dense, 1/sqrt(d_in) = one neuron) and the fraction of squared norm in the
+    top 10 neurons. Values are None for a class with fewer than 2 features."""
     out: dict = {}
     enc = W_enc.T.float()
-    enc = enc / enc.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    for c, name in enumerate(CLASSES):
-        sel = classes == c
+    sets = [(name, classes == c) for c, name in enumerate(CLASSES)]
+    if control is not None:
+        sets.append(("control", control.bool()))
+    for name, sel in sets:
         n = int(sel.sum())
-        row: dict = {"n": n, "encoder_mean_cosine_to_mean_direction": None}
+        row: dict = {"n": n, **dict.fromkeys(encoder_alignment(enc[:2]))}
+        if non_negative:
+            row.update(dict.fromkeys(negative_orthant(enc[:1])))
         if n >= 2:
-            e = enc[sel]
-            mean_dir = e.mean(0)
-            mean_dir = mean_dir / mean_dir.norm().clamp_min(1e-12)
-            row["encoder_mean_cosine_to_mean_direction"] = float((e @ mean_dir).mean())
+            row.update(encoder_alignment(enc[sel]))
+            if non_negative:
+                row.update(negative_orthant(enc[sel]))
         if neuron_basis:
             row["decoder_l1_l2_ratio_over_sqrt_d"] = None
             row["decoder_top10_neuron_mass"] = None
@@ -241,6 +282,7 @@ class FreshDensity(NamedTuple):
     fvu: float
     top_values: Tensor  # [T, k] the top activations of the tracked features
     top_rows: Tensor  # [T, k] their row numbers in the order the batches were given (-1: none)
+    x_min: float  # the smallest activation value seen (>= 0: non-negative inputs)
 
 
 @torch.no_grad()
@@ -257,6 +299,7 @@ def measure_density(
     sum_sq = torch.zeros((), dtype=torch.float64, device=dev)
     top_v = torch.full((len(track), k), -float("inf"), device=dev)
     top_r = torch.full((len(track), k), -1, dtype=torch.int64, device=dev)
+    x_min = torch.full((), math.inf, dtype=torch.float64, device=dev)
     track = track.to(dev)
     n = 0
     for x in batches:
@@ -267,6 +310,7 @@ def measure_density(
         sq_err += (x - out.recon).double().pow(2).sum()
         sum_x += x.double().sum(0)
         sum_sq += x.double().pow(2).sum()
+        x_min = torch.minimum(x_min, x.min().double())
         if len(track):
             a = acts[:, track].T  # [T, B]
             rows = torch.arange(n, n + x.shape[0], device=dev).expand(len(track), -1)
@@ -285,4 +329,5 @@ def measure_density(
         float(sq_err / total_var) if total_var > 0 else float("nan"),
         top_v.cpu(),
         top_r.cpu(),
+        float(x_min),
     )

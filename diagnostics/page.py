@@ -51,19 +51,28 @@ def _pct(x: float | None) -> str:
 
 def _geometry_rows(g: dict) -> list[tuple[str, object]]:
     rows: list[tuple[str, object]] = []
-    for name in ("ultra_rare", "live"):
-        v = g[name]["encoder_mean_cosine_to_mean_direction"]
+    for name in ("ultra_rare", "control", "live"):
+        r = g.get(name)
+        if r is None or r["encoder_mean_cosine_to_mean_direction"] is None:
+            continue
         rows.append(
             (
-                f"{name}: mean cosine of encoder vectors to their mean direction",
-                "" if v is None else f"{v:.3f}",
+                f"{name}: encoder mean cosine to the mean direction / top singular value's share (random: {r['encoder_top_singular_share_random']:.3f})",
+                f"{r['encoder_mean_cosine_to_mean_direction']:.3f} / {r['encoder_top_singular_share']:.3f}",
             )
         )
-        if g[name].get("decoder_top10_neuron_mass") is not None:
+        if r.get("encoder_negative_mass_mean") is not None:
+            rows.append(
+                (
+                    f"{name}: encoder's squared norm in the negative orthant, mean / median (random: 0.5); all ≤ 0",
+                    f"{r['encoder_negative_mass_mean']:.3f} / {r['encoder_negative_mass_median']:.3f}; {_pct(r['encoder_all_nonpositive_fraction'])}",
+                )
+            )
+        if r.get("decoder_top10_neuron_mass") is not None:
             rows.append(
                 (
                     f"{name}: decoder mass in top 10 neurons / L1÷L2÷√d",
-                    f"{g[name]['decoder_top10_neuron_mass']:.3f} / {g[name]['decoder_l1_l2_ratio_over_sqrt_d']:.3f}",
+                    f"{r['decoder_top10_neuron_mass']:.3f} / {r['decoder_l1_l2_ratio_over_sqrt_d']:.3f}",
                 )
             )
     return rows

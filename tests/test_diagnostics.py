@@ -230,6 +230,28 @@ def test_classify_and_geometry_on_planted_tensors(planted):
         1.0, abs=1e-3
     )
     assert geo["live"]["encoder_mean_cosine_to_mean_direction"] < 0.5
+    # Collinear encoders of either sign: one line (top singular share 1), though their mean
+    # direction is weak; random ones sit near the Marchenko-Pastur edge.
+    signs = torch.tensor([1.0, -1.0] * 5)
+    W_enc3 = torch.randn(16, 30)
+    W_enc3[:, :10] = d[:, None] * signs * (1 + torch.rand(10))
+    geo = rare_cluster_geometry(W_enc3, W_dec, cls, neuron_basis=False, control=cls == 2)
+    assert geo["ultra_rare"]["encoder_top_singular_share"] == pytest.approx(1.0, abs=1e-6)
+    assert abs(geo["ultra_rare"]["encoder_mean_cosine_to_mean_direction"]) < 0.1
+    live = geo["live"]
+    assert live["encoder_top_singular_share"] < 2 * live["encoder_top_singular_share_random"]
+    assert live["encoder_top_singular_share_random"] == pytest.approx((20**0.5 + 4) ** 2 / 320)
+    assert geo["control"]["n"] == 20 and "encoder_negative_mass_mean" not in live
+    # The negative orthant: planted shares 9/25 (3 rows) and 1 (2 rows, all <= 0).
+    enc = torch.tensor([[-3.0, 4.0, 0.0]] * 3 + [[-1.0, 0.0, -2.0]] * 2)
+    geo = rare_cluster_geometry(
+        enc.T, torch.randn(5, 3), torch.tensor([1] * 5), neuron_basis=False, non_negative=True
+    )
+    r = geo["ultra_rare"]
+    assert r["encoder_negative_mass_mean"] == pytest.approx((3 * 0.36 + 2) / 5)
+    assert r["encoder_negative_mass_median"] == pytest.approx(0.36)
+    assert r["encoder_all_nonpositive_fraction"] == pytest.approx(0.4)
+    assert geo["dead"]["encoder_negative_mass_mean"] is None  # fewer than 2 features
     one_hot = torch.eye(16)[:2] * 3
     geo = rare_cluster_geometry(
         torch.randn(16, 2), one_hot, torch.tensor([1, 1]), neuron_basis=True
@@ -276,6 +298,8 @@ def test_planted_classes_get_their_trajectory(planted, tmp_path):
     assert s["baseline"]["mean_density"] == pytest.approx(1e-2, rel=0.01)
     assert s["band_decades_per_1e7_tokens"] == 0.3 and s["burn_in_tokens"] == 131_072
     assert s["windows"]["n"] == 40 and s["verdict"].startswith("Mostly")
+    geo = rep.summary["geometry"]
+    assert geo["inputs"]["non_negative"] is False and geo["control"]["n"] == 10
     html = rep.html.read_text()
     assert escape(s["verdict"]) in html and "Trajectory test: falling, settled" in html
 
@@ -362,6 +386,9 @@ def test_diagnose_16k_features_under_60s(planted, tmp_path):
     assert elapsed < 60
     size = (out / "report.html").stat().st_size
     assert size < 10 * 2**20, size
+    geo = json.loads((out / "summary.json").read_text())["geometry"]
+    assert geo["inputs"]["non_negative"] is True  # mlp_post of the default (ReLU) model
+    assert 0 <= geo["live"]["encoder_negative_mass_mean"] <= 1
     assert len(read_csv(out / "features.csv")) == 16384
 
 
@@ -426,6 +453,11 @@ def test_fresh_density_and_top_contexts_from_a_cache(planted, tmp_path):
     assert [r["class"] for r in rows] == ["dead", "dead", "ultra_rare"] + ["live"] * 5
     s = json.loads((out / "summary.json").read_text())
     assert s["window"]["tokens"] == n_rows - skip and "fresh" in s["density_source"]
+    x_min = float(acts[skip:].min())
+    assert s["geometry"]["inputs"] == {
+        "non_negative": False,
+        "how": f"the smallest of the {n_rows - skip} measured cache rows' values is {x_min:.4g}",
+    }
     x = acts[skip:]
     recon = x.clone()
     recon[:, d_sae:] = 0
