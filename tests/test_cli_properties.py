@@ -336,6 +336,7 @@ TRAIN_BAD = table(
     ("aux-coef", FLOAT_BAD_NONNEG),
     ("resample-holdout", st.one_of(NAN_INF, st.floats(1.0, 1e9), st.floats(max_value=-1e-9))),
     ("resample-inputs", nonpos()),
+    ("resample-below", st.one_of(NAN_INF, st.floats(max_value=0.0), st.floats(1.0001, 1e9), NOT_FLOAT)),
     ("lr-decay", st.one_of(NAN_INF, st.floats(max_value=-1e-9), st.floats(1.0001, 1e9))),
     ("l1-warmup", st.one_of(NAN_INF, st.floats(max_value=-1e-9), st.floats(1.0001, 1e9))),
     ("log-every", nonpos()),
@@ -391,6 +392,7 @@ def test_train_bad_flags_together_are_refused(world, bad, kind, arch):
 @pytest.mark.parametrize(
     "case",
     ["topk-k-zero", "topk-k-too-big", "topk-k-aux-too-big", "holdout-without-resampling",
+     "below-without-resampling",
      "steps-without-resampling", "resample-at-end", "resume+overwrite", "resume-fresh-out",
      "resume-finished", "out-is-file", "out-foreign", "cache-missing", "cache-is-file",
      "cache-is-empty-dir", "cache-is-a-run", "thresholds-swapped", "missing-cache",
@@ -407,6 +409,7 @@ def test_train_bad_combinations_are_refused(world, case):
             "topk-k-too-big": [*base, "--arch=topk", "--k=33"],
             "topk-k-aux-too-big": [*base, "--arch=topk", "--k-aux=1000"],
             "holdout-without-resampling": [*base, "--resample=none", "--resample-holdout=0.5"],
+            "below-without-resampling": [*base, "--resample=none", "--resample-below=1e-4"],
             "steps-without-resampling": [*base, "--arch=topk", "--resample-steps", "2", "4"],
             "resample-at-end": [*base, "--resample=anthropic", "--resample-steps", "8"],
             "resume+overwrite": [*base, "--resume", "--overwrite"],

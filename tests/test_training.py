@@ -7,6 +7,7 @@ per session: tests/conftest.py's `cache` fixture).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -233,3 +234,43 @@ def test_cli_error_exit_code(cache, tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 2
     assert err.strip().splitlines()[-1].startswith("saekit: error: --lr must be > 0")
+
+
+def test_resample_below_holds_out_rare_features_that_still_fire(cache, tmp_path):
+    # Dead window 10 steps = 2 whole windows, events at 20 and 40 end a window: the density
+    # over the dead window is exact, so the chosen features can be recomputed from the history.
+    manifest = json.loads((cache / "manifest.json").read_text())
+    l1 = manifest["stats"]["mean_norm"] / manifest["d_in"] ** 0.5
+    below = 2e-3  # about 10 firings in the dead window's 5,120 tokens
+    cfg = _cfg(cache, tmp_path / "run", lr=1e-2, l1_coef=l1, checkpoint_every=0, **RESAMPLE)
+    run = train(dataclasses.replace(cfg, resample_below=below))
+    h = load_file(str(run / "density_history.safetensors"))
+    fired_in_dead_window = torch.zeros(1024, dtype=torch.bool)
+    for e, step in enumerate([20, 40]):
+        res, held = h["resampled"][e], h["held_out"][e]
+        recent = h["counts"][(h["window_end_step"] > step - 10) & (h["window_end_step"] <= step)]
+        rare = recent.sum(0) < below * 10 * 512
+        just_resampled = h["resampled"][:e][h["resample_steps"][:e] > step - 10].any(0)
+        assert torch.equal(res | held, rare & ~h["held_out"][:e].any(0) & ~just_resampled)
+        fired_in_dead_window |= held & (recent.sum(0) > 0)
+    control = h["control_mask"]
+    assert control.sum() > 0 and fired_in_dead_window.sum() > 0
+    # The point of it: the control group holds features that still fired in the dead window
+    # (Anthropic's rule would hold out only silent ones).
+    assert (fired_in_dead_window & control).sum() >= 0.5 * control.sum()  # 138 of 186 here
+
+
+def test_dead_window_counts_span_whole_windows():
+    from saekit.training.density import DensityTracker
+
+    t = DensityTracker(3, batch_size=10, steps_per_window=4, device="cpu")
+    for step in range(1, 15):  # feature 0 fires every step, 1 at steps 1-8, 2 never
+        t.update(torch.tensor([1, int(step <= 8), 0]), step)
+    # Step 14: windows end at 4, 8, 12; the open window holds steps 13-14.
+    counts, tokens = t.dead_window_counts(14, 6)  # 2 open + window 9-12 = 6 steps: exact
+    assert counts.tolist() == [6, 0, 0] and tokens == 60
+    counts, tokens = t.dead_window_counts(14, 7)  # reaches back to window 5-8: 10 steps
+    assert counts.tolist() == [10, 4, 0] and tokens == 100
+    assert t.below_mask(14, 7, 0.05).tolist() == [False, True, True]  # 0.1, 0.04, 0
+    t.record_event(14, torch.tensor([False, True, False]), torch.zeros(3, dtype=torch.bool))
+    assert t.below_mask(14, 7, 0.05).tolist() == [False, False, True]  # 1 just resampled

@@ -84,6 +84,8 @@ class TrainConfig:
     """Random cache rows the resampling loss is computed on (capped by the cache size)."""
     resample_holdout: float = 0.0
     """Fraction of the features chosen at each resampling left alone as a control group, never resampled afterwards."""
+    resample_below: float | None = None
+    """Resample features whose density over the dead window is below this (so the held-out control group holds rare, still-firing features); None: Anthropic's rule, no firing in the dead window."""
     density_window: int | None = None
     """Tokens per density-history window (rounded to whole batches); None: about 1% of training."""
     dead_threshold: float = 0.0
@@ -198,6 +200,10 @@ class TrainConfig:
             ),
             (self.resample_inputs >= 1, "--resample-inputs must be >= 1"),
             (self.seed >= 0, f"--seed must be >= 0 (got {self.seed})"),
+            (
+                self.resample_below is None or 0 < self.resample_below <= 1,
+                f"--resample-below must be a density in (0, 1] (got {self.resample_below})",
+            ),
             (self.log_every >= 1, f"--log-every must be >= 1 (got {self.log_every})"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
             (self.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
@@ -249,6 +255,8 @@ class TrainConfig:
                 raise SaekitError("--resample-steps given with --resample none; drop one of them")
             if self.resample_holdout:
                 raise SaekitError("--resample-holdout needs --resample anthropic")
+            if self.resample_below is not None:
+                raise SaekitError("--resample-below needs --resample anthropic")
             steps = []
         if n_rows is not None and self.resample_inputs > n_rows and resample == "anthropic":
             print(

@@ -48,6 +48,37 @@ class DensityTracker:
         """Features that fired in none of the last `dead_window` steps (device tensor, no sync)."""
         return (step - self.last_fired) >= dead_window
 
+    def open_window(self) -> Tensor:
+        """The open window's counts (a copy; summed over the ranks when distributed)."""
+        return self.window.clone()
+
+    def dead_window_counts(self, step: int, dead_window: int) -> tuple[Tensor, int]:
+        """Firings per feature over the last `dead_window` steps, from the per-window counts (no
+        host sync), and the tokens they cover: the open window plus the most recent closed
+        windows until they span at least `dead_window` steps. Exact when the dead window is a
+        whole number of windows and `step` ends one (as at a resampling step that is a multiple
+        of the window); otherwise the span reaches back to the start of the window the dead
+        window begins in, up to steps_per_window - 1 steps more."""
+        total = self.open_window()
+        steps = self.window_steps
+        for c, tok in zip(reversed(self.counts), reversed(self.window_tokens), strict=True):
+            if steps >= dead_window:
+                break
+            total += c
+            steps += tok // self.batch_size
+        return total, steps * self.batch_size
+
+    def below_mask(self, step: int, dead_window: int, density: float) -> Tensor:
+        """Features whose density over the dead window (`dead_window_counts`) is below `density`,
+        leaving out those resampled within the last `dead_window` steps (their window mixes two
+        lives; Anthropic's rule gives them a fresh dead window the same way). Device tensor."""
+        counts, tokens = self.dead_window_counts(step, dead_window)
+        below = counts.double() < density * max(tokens, 1)
+        for ev, res in zip(self.event_steps, self.resampled, strict=True):
+            if step - ev < dead_window:
+                below &= ~res
+        return below
+
     def record_event(self, step: int, resampled: Tensor, held_out: Tensor) -> None:
         self.event_steps.append(step)
         self.resampled.append(resampled.clone())

@@ -98,6 +98,11 @@ class ReducedDensityTracker(DensityTracker):
         dist.all_reduce(self.last_fired, op=dist.ReduceOp.MAX)
         return super().dead_mask(step, dead_window)
 
+    def open_window(self) -> Tensor:
+        window = self.window.clone()
+        dist.all_reduce(window)
+        return window
+
     def recent_density(self, min_tokens: int = 0) -> tuple[Tensor, int]:
         if self.counts:  # closed windows are already global
             return super().recent_density(min_tokens)

@@ -289,7 +289,10 @@ class Trainer:
 
     def resample(self) -> None:
         cfg, res = self.cfg, self.res
-        dead = self.density.dead_mask(self.step, res.dead_window)
+        if cfg.resample_below is None:
+            dead = self.density.dead_mask(self.step, res.dead_window)
+        else:  # rare as well as dead: the control group then holds still-firing features
+            dead = self.density.below_mask(self.step, res.dead_window, cfg.resample_below)
         gen = torch.Generator().manual_seed(event_seed(cfg.seed, self.step))
         inputs = self.source.sample(
             res.resample_inputs, event_seed(cfg.seed, self.step), self.dtype
@@ -306,9 +309,10 @@ class Trainer:
             gen,
         )
         self.density.record_event(self.step, r.resampled, r.held_out)
+        what = "dead" if cfg.resample_below is None else f"dead or rare (< {cfg.resample_below:g})"
         if self.world.main:
             tqdm.write(
-                f"step {self.step}: resampled {int(r.resampled.sum())} dead features, held out {int(r.held_out.sum())}",
+                f"step {self.step}: resampled {int(r.resampled.sum())} {what} features, held out {int(r.held_out.sum())}",
                 file=sys.stderr,
             )
 
