@@ -88,6 +88,8 @@ class TrainConfig:
     """Resample features whose density over the dead window is below this (so the held-out control group holds rare, still-firing features); None: Anthropic's rule, no firing in the dead window."""
     density_window: int | None = None
     """Tokens per density-history window (rounded to whole batches); None: about 1% of training."""
+    mechanisms: bool = True
+    """Record the mechanism checks (encoder norm and bias, effective threshold, D/E projection, pre-activation margin, L1 share of the encoder gradient) once per density window into mechanisms.safetensors."""
     dead_threshold: float = 0.0
     """Density at or below which a feature counts as dead in metrics."""
     ultra_rare_threshold: float = 1e-6

@@ -26,6 +26,8 @@ from .checkpoint import cfg_dict, drop_after, read_checkpoint, write_checkpoint
 from .config import GEOMEDIAN_ROWS, ResolvedConfig, TrainConfig
 from .density import DensityTracker
 from .distributed import ReducedDensityTracker, World, average_grads, local_slices
+from .mechanisms import FILE as MECHANISMS_FILE
+from .mechanisms import MechanismTracker
 from .resample import anthropic_resample, event_seed
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -76,6 +78,11 @@ class Trainer:
             self.opt = torch.optim.Adam(params, lr=res.lr, foreach=True)
         tracker = ReducedDensityTracker if self.world.size > 1 else DensityTracker
         self.density = tracker(res.d_sae, cfg.batch_size, res.steps_per_window, self.device)
+        self.mechanisms = (
+            MechanismTracker(res.d_sae, rank=self.world.rank, size=self.world.size)
+            if cfg.mechanisms
+            else None
+        )
         self.step = 0
         self.elapsed = 0.0
         self.last_checkpoint: int | None = None
@@ -113,6 +120,8 @@ class Trainer:
             for key, v in self.opt.state.get(p, {}).items():
                 tensors[f"adam.{n}.{key}"] = v
         tensors.update(density_state)
+        if self.mechanisms is not None:
+            tensors.update(self.mechanisms.state())
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -140,6 +149,8 @@ class Trainer:
                 if state:
                     self.opt.state[p] = state
         self.density.load_state(t)
+        if self.mechanisms is not None:
+            self.mechanisms.load_state(t, self.device)
         torch.set_rng_state(t["rng.torch"])
         if "rng.cuda" in t and torch.cuda.is_available():
             torch.cuda.set_rng_state(t["rng.cuda"])
@@ -235,7 +246,17 @@ class Trainer:
             sae.normalize_decoder()
         self.step += 1
         self.density.update(out.fired, self.step)
+        self.record_mechanisms(x)
         return out
+
+    def record_mechanisms(self, x: torch.Tensor) -> None:
+        """A row of mechanism checks when a density window closed at this step, on its batch x
+        (in training units)."""
+        m, ends = self.mechanisms, self.density.window_end_step
+        if m is None or not ends or ends[-1] != self.step:
+            return
+        if not (len(m) and m.window_end_step[-1] == self.step):
+            m.record(self.sae, x, self.l1_at(self.step - 1), self.step)
 
     def fit(self) -> dict:
         cfg, res, sae, dens = self.cfg, self.res, self.sae, self.density
@@ -268,6 +289,7 @@ class Trainer:
                     self.resample()
                 if self.step == S:
                     dens.flush(self.step)
+                    self.record_mechanisms(x * res.input_scale if res.input_scale != 1.0 else x)
                 if self.step % cfg.log_every == 0 or self.step == S:
                     self.elapsed = time.perf_counter() - t0
                     x_in = x * res.input_scale if res.input_scale != 1.0 else x
@@ -334,6 +356,8 @@ class Trainer:
                 "dead_window_steps": str(res.dead_window),
             },
         )
+        if self.mechanisms is not None:
+            self.mechanisms.save(self.out / MECHANISMS_FILE)
         # Last, ending with saekit.json: its presence marks a finished run (a run killed while
         # finishing resumes from its last checkpoint and writes every file again).
         save_sae(self.sae, self.out, meta, input_scale=res.input_scale)

@@ -15,6 +15,7 @@ import torch
 from ..sae.errors import SaekitError
 
 HISTORY_FILE = "density_history.safetensors"
+MECHANISMS_FILE = "mechanisms.safetensors"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -66,6 +67,33 @@ def load_history(path: str | Path, d_sae: int) -> History:
         control,
         dict(meta),
     )
+
+
+def load_mechanisms(path: str | Path, d_sae: int) -> dict[str, torch.Tensor]:
+    """mechanisms.safetensors (training/mechanisms.py): each check [n_windows, d_sae] float32,
+    and window_end_step [n_windows]; checked against the SAE's width."""
+    from safetensors.torch import load_file
+
+    from .mechanisms import KEYS
+
+    path = Path(path)
+    try:
+        t = load_file(str(path))
+    except Exception as e:
+        raise SaekitError(
+            f"{path} is not a readable safetensors file ({e}); re-run training"
+        ) from None
+    missing = [k for k in (*KEYS, "window_end_step") if k not in t]
+    n = len(t.get("window_end_step", ()))
+    bad = [k for k in KEYS if k in t and tuple(t[k].shape) != (n, d_sae)]
+    if missing or bad:
+        what = (
+            f"lacks {missing[0]}"
+            if missing
+            else f"has {bad[0]} of shape {tuple(t[bad[0]].shape)}, expected [{n}, {d_sae}]"
+        )
+        raise SaekitError(f"{path} {what}; re-run training with this saekit version")
+    return t
 
 
 def last_metrics(path: Path) -> dict:
@@ -143,6 +171,12 @@ class Run:
         if self._history is None and (self.path / HISTORY_FILE).is_file():
             self._history = load_history(self.path / HISTORY_FILE, self.sae.cfg.d_sae)
         return self._history
+
+    @property
+    def mechanisms(self) -> dict[str, torch.Tensor] | None:
+        """The mechanism checks per density window (training/mechanisms.py; None if absent)."""
+        path = self.path / MECHANISMS_FILE
+        return load_mechanisms(path, self.sae.cfg.d_sae) if path.is_file() else None
 
     @property
     def metrics(self) -> list[dict]:
