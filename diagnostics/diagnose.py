@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..sae.errors import SaekitError
-from ..training.run import History, last_metrics, load_history
+from ..training.run import MECHANISMS_FILE, History, last_metrics, load_history, load_mechanisms
 from .config import DiagnoseConfig, check_inputs
 from .contexts import CacheRows, contexts_text, measure_on_cache
 from .features import (
@@ -42,6 +42,7 @@ class RunInputs(NamedTuple):
     history: History | None  # density_history.safetensors (None when absent)
     metrics: dict  # the last line of metrics.jsonl ({} when absent)
     control: torch.Tensor  # bool [F]: the held-out control group
+    mechanisms: dict | None  # mechanisms.safetensors (None when absent)
 
 
 def load_inputs(cfg: DiagnoseConfig) -> RunInputs:
@@ -74,7 +75,9 @@ def load_inputs(cfg: DiagnoseConfig) -> RunInputs:
     if hist is not None and len(hist.counts) == 0 and not fresh:
         raise SaekitError(f"{hist_path} holds no windows (training too short); pass --cache")
     control = hist.control_mask if hist is not None else torch.zeros(d_sae, dtype=torch.bool)
-    return RunInputs(run, sae, meta, hist, last_metrics(run / "metrics.jsonl"), control)
+    mech_path = run / MECHANISMS_FILE
+    mech = load_mechanisms(mech_path, d_sae) if mech_path.is_file() else None
+    return RunInputs(run, sae, meta, hist, last_metrics(run / "metrics.jsonl"), control, mech)
 
 
 def _spec_d_in(cfg: DiagnoseConfig, run: Path) -> int:
@@ -365,6 +368,21 @@ def input_sign(meta: dict, model, dens: Density) -> dict:
     return {"non_negative": False, "how": f"site {site}: signed activations"}
 
 
+def margin_of(inp: RunInputs, dens: Density) -> tuple[np.ndarray, str | None]:
+    """Each feature's pre-activation margin (its largest pre-activation; NaN: unknown) and
+    where it came from: the rows measured with --cache, else the last row of the run's
+    mechanisms.safetensors (one batch at the end of training)."""
+    n = len(inp.control)
+    if dens.fresh is not None:
+        return dens.fresh.margin.double().numpy(), f"the {dens.n_tokens} measured cache rows"
+    m = inp.mechanisms
+    if m is not None and len(m["window_end_step"]):
+        step = int(m["window_end_step"][-1])
+        src = f"mechanisms.safetensors, the last window's last batch (step {step})"
+        return m["margin"][-1].double().numpy(), src
+    return np.full(n, np.nan), None
+
+
 def class_line(summary: dict) -> str:
     """The line "N features: a dead, b ultra-rare, c live", the ultra-rare count only where the
     window resolves it."""
@@ -411,6 +429,7 @@ def diagnose(cfg: DiagnoseConfig) -> Report:
         t.detach().float().cpu() for t in (inp.sae.W_enc, inp.sae.b_enc, inp.sae.W_dec)
     )
     geo = feature_geometry(W_enc, b_enc, W_dec)
+    margin, margin_source = margin_of(inp, dens)
     chosen = dens.chosen if dens.chosen is not None else choose_features(cfg, classes, inp.control)
     traj, traj_summary = run_trajectory(cfg, inp.history)
     synthetic = synthetic_run(inp.meta)
@@ -429,6 +448,7 @@ def diagnose(cfg: DiagnoseConfig) -> Report:
         cfg, inp, dens, classes, geometry, traj_summary, logits, chosen, warnings
     )
     gt, summary["ground_truth"] = ground_truth_step(cfg, inp, dens, classes)
+    summary["margin_source"] = margin_source  # features.csv's margin (None: not known)
     contexts = None
     if dens.fresh is not None and dens.rows is not None and not synthetic:
         vocab = vocab or vocab_strings(None, int(dens.rows.tokens.max()) + 1)
@@ -440,6 +460,7 @@ def diagnose(cfg: DiagnoseConfig) -> Report:
         classes=classes.numpy(),
         geometry=geo,
         control=inp.control.numpy(),
+        margin=margin,
         history=inp.history,
         trajectory=traj,
         logits=logits.top,

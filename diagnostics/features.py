@@ -283,6 +283,7 @@ class FreshDensity(NamedTuple):
     top_values: Tensor  # [T, k] the top activations of the tracked features
     top_rows: Tensor  # [T, k] their row numbers in the order the batches were given (-1: none)
     x_min: float  # the smallest activation value seen (>= 0: non-negative inputs)
+    margin: Tensor  # [F] each feature's largest pre-activation over the rows
 
 
 @torch.no_grad()
@@ -300,17 +301,19 @@ def measure_density(
     top_v = torch.full((len(track), k), -float("inf"), device=dev)
     top_r = torch.full((len(track), k), -1, dtype=torch.int64, device=dev)
     x_min = torch.full((), math.inf, dtype=torch.float64, device=dev)
+    margin = torch.full((d_sae,), -math.inf, dtype=sae.W_dec.dtype, device=dev)
     track = track.to(dev)
     n = 0
     for x in batches:
         x = x.to(dev, sae.W_dec.dtype)
-        out = sae(x)
-        acts = out.acts  # [B, d_sae], dense for every arch
+        pre = sae.pre_acts(x)  # the forward's steps, keeping the pre-activations
+        acts = sae.activate(pre)  # [B, d_sae], dense for every arch
         counts += (acts > 0).sum(0)
-        sq_err += (x - out.recon).double().pow(2).sum()
+        sq_err += (x - sae.decode(acts)).double().pow(2).sum()
         sum_x += x.double().sum(0)
         sum_sq += x.double().pow(2).sum()
         x_min = torch.minimum(x_min, x.min().double())
+        margin = torch.maximum(margin, pre.amax(0))
         if len(track):
             a = acts[:, track].T  # [T, B]
             rows = torch.arange(n, n + x.shape[0], device=dev).expand(len(track), -1)
@@ -330,4 +333,5 @@ def measure_density(
         top_v.cpu(),
         top_r.cpu(),
         float(x_min),
+        margin.cpu(),
     )

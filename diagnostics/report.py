@@ -49,6 +49,7 @@ FEATURE_COLUMNS: dict[str, type] = {
     "trend": float,
     "trend_low": float,
     "trend_high": float,
+    "margin": float,
     "top_logit_tokens": list,
     "bottom_logit_tokens": list,
 }
@@ -80,6 +81,9 @@ class ReportData:
     """per-feature encoder bias, D/E projection, encoder-decoder cosine, decoder norm ([F] tensors)"""
     control: np.ndarray
     """bool [F]: the held-out control group (never resampled after being held out)"""
+    margin: np.ndarray
+    """float64 [F]: each feature's largest pre-activation (NaN: not known; summary's
+    margin_source says where it came from)"""
     history: History | None
     """the run's density history (None when the run dir has none)"""
     trajectory: Trajectory | None
@@ -134,6 +138,7 @@ def features_csv(data: ReportData) -> str:
         "decoder_norm": [_fmt(x) for x in geo.decoder_norm.tolist()],
         "held_out": ["true" if b else "false" for b in data.control.tolist()],
         **trajectory_columns(data.trajectory, n),
+        "margin": [_fmt(x) for x in data.margin.tolist()],
         "top_logit_tokens": tok_lists(data.logits.top_ids if data.logits is not None else None),
         "bottom_logit_tokens": tok_lists(
             data.logits.bottom_ids if data.logits is not None else None
@@ -226,7 +231,7 @@ class Report:
         pandas.DataFrame(report.features)  # a row per feature
 
     `features` maps each column to a numpy array (int64 `index`; float64 densities, geometry and
-    the trajectory test's `trend`, `trend_low`, `trend_high`, NaN where the CSV field is empty
+    the trajectory test's `trend`, `trend_low`, `trend_high`, `margin`, NaN where the CSV field is empty
     and -inf for log10 of zero; bool `held_out`; str `class`, `trajectory_group`, `trajectory`) or, for the logit token columns, a list holding one list of token
     texts per feature (None when logit weights were not computed).
     """

@@ -70,6 +70,7 @@ def test_planted_run_features_csv_and_summary(planted, tmp_path):
         "trend",
         "trend_low",
         "trend_high",
+        "margin",
         "top_logit_tokens",
         "bottom_logit_tokens",
     ]
@@ -206,6 +207,7 @@ def test_report_handle_reads_the_tables_back_typed(planted, tmp_path):
     run_diagnose(Cfg(run=str(tmp_path / "run2"), out=str(tmp_path / "rep2"), logits=False))
     f2 = Report.open(tmp_path / "rep2").features
     assert f2["top_logit_tokens"] == [None] * d_sae
+    assert np.isnan(f2["margin"]).all() and rep.summary["margin_source"] is None
     assert np.isnan(f2["trend"][25]) and f2["trajectory"][25] == "not_tested"
     assert f2["trajectory_group"].dtype.kind == "U" and np.isfinite(f2["trend"][14])
     with pytest.raises(SaekitError, match="not a report dir"):
@@ -268,6 +270,12 @@ def test_planted_classes_get_their_trajectory(planted, tmp_path):
     d_sae = len(names)
     W_enc, bias, W_dec, _ = planted.geometry(d_sae, D_IN)
     planted.write_run(tmp_path / "run", W_enc, bias, W_dec, hist)
+    from saekit.sae.io import atomic_save_safetensors
+    from saekit.training.mechanisms import KEYS
+
+    mech = {k: torch.randn(40, d_sae) for k in KEYS}
+    mech["window_end_step"] = hist["window_end_step"]
+    atomic_save_safetensors(tmp_path / "run" / "mechanisms.safetensors", mech)
     cfg = DiagnoseConfig(
         run=str(tmp_path / "run"), out=str(tmp_path / "rep"), logits=False, rare_threshold=1e-3
     )
@@ -278,6 +286,8 @@ def test_planted_classes_get_their_trajectory(planted, tmp_path):
         group = "control" if name == "control" else "rare"
         assert (f["trajectory_group"][sel] == group).all(), name
         assert (f["trajectory"][sel] == want).all(), (name, f["trajectory"][sel])
+    np.testing.assert_array_equal(f["margin"].astype(np.float32), mech["margin"][-1].numpy())
+    assert "mechanisms.safetensors" in rep.summary["margin_source"]
     live = names == "live"
     assert (f["trajectory_group"][live] == "live").all()
     assert (f["trajectory"][live] == "not_tested").all()
@@ -450,6 +460,9 @@ def test_fresh_density_and_top_contexts_from_a_cache(planted, tmp_path):
     rows = read_csv(out / "features.csv")
     want = [sum(r >= skip for r in f) / (n_rows - skip) for f in fires]
     assert [float(r["density"]) for r in rows] == pytest.approx(want)
+    # The margin: the largest pre-activation over the measured rows (identity encoder, 0 biases).
+    margin = acts[skip:, :d_sae].amax(0)
+    assert [float(r["margin"]) for r in rows] == pytest.approx(margin.tolist())
     assert [r["class"] for r in rows] == ["dead", "dead", "ultra_rare"] + ["live"] * 5
     s = json.loads((out / "summary.json").read_text())
     assert s["window"]["tokens"] == n_rows - skip and "fresh" in s["density_source"]
