@@ -181,7 +181,7 @@ class Trainer:
         loss_v = loss.item()
         if not math.isfinite(loss_v):
             raise self.nan_error(f"the loss became {loss_v}")
-        dens, _ = self.density.recent_density(self.res.steps_per_window * self.cfg.batch_size)
+        dens, tokens = self.density.recent_density(self.res.steps_per_window * self.cfg.batch_size)
         dead = dens <= self.cfg.dead_threshold
         rare = ~dead & (dens < self.cfg.ultra_rare_threshold)
         m = {
@@ -194,7 +194,8 @@ class Trainer:
             "l0": fired.sum().item() / B,
             "fvu": (out.mse / var).item(),
             "dead": int(dead.sum()),
-            "ultra_rare": int(rare.sum()),
+            # None where the window is too short to resolve the threshold (the count would be 0)
+            "ultra_rare": int(rare.sum()) if tokens * self.cfg.ultra_rare_threshold >= 1 else None,
             "lr": self.lr_at(self.step - 1),
             "l1_coef": self.l1_at(self.step - 1),
         }

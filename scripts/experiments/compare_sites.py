@@ -245,7 +245,7 @@ def compare_sites(cfg: CompareSitesConfig) -> Path:
         print(
             f"  {s:<15} L0 {r['l0']:7.1f}  FVU {r['fvu_pooled']:.3f}  "
             f"loss rec {'  n/a' if lr is None else f'{lr:.3f}'}  "
-            f"dead {r['fractions']['dead']:.3f}  ultra-rare {r['fractions']['ultra_rare']:.3f}  "
+            f"dead {r['fractions']['dead']:.3f}  ultra-rare {_f(r['fractions']['ultra_rare'])}  "
             f"logit conc (median, live) {_f(r['logit_concentration_median_live'])}"
         )
     print(f"report: {out / 'compare.html'}")
@@ -313,7 +313,7 @@ def render_compare(doc: dict, results: dict[str, dict]) -> str:
         f"<tr><td>{html.escape(s)}</td><td>{r['d_in']}</td><td>{r['l0']:.1f}</td>"
         f"<td>{r['fvu_pooled']:.3f}</td><td>{_f(r['loss_recovered_zero'])}</td>"
         f"<td>{_f(r['loss_recovered_mean'])}</td><td>{r['counts']['dead']}</td>"
-        f"<td>{r['counts']['ultra_rare']}</td><td>{r['counts']['live']}</td>"
+        f"<td>{'not resolvable' if r['counts']['ultra_rare'] is None else r['counts']['ultra_rare']}</td><td>{r['counts']['live']}</td>"
         f"<td>{_f(r['logit_concentration_median_live'])}</td></tr>"
         for s, r in doc["sites"].items()
     )
