@@ -44,7 +44,7 @@ KEYS = (
     "l1_grad_share",
 )
 FILE = "mechanisms.safetensors"
-GRAD_ROWS = 1024
+GRAD_ROWS = 512
 
 
 @torch.no_grad()
