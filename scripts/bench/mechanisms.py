@@ -1,0 +1,83 @@
+"""Benchmark the mechanism checks' cost (training/mechanisms.py; target <= 3% of training time).
+
+relu_l1, --features features, batch 4096, d_in 512, float32, on a synthetic on-disk cache (the
+training bench's): two Trainers set up as `train()` sets them up, one recording the mechanism
+checks (--mechanisms) and one not, each training whole density windows of --window-steps steps
+(the default window is 1% of training: 30 steps of a 3,000-step run), interleaved, --reps times
+after --warmup. Reported: the median window time of each and their ratio, and, measured alone,
+one recording (`mechanism_row` on a batch) against one step, with the overhead that implies for
+windows of 16, 30 and 100 steps.
+
+    python -m saekit.scripts.bench.mechanisms [--features 4096] [--window-steps 30] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from saekit.scripts.bench.train import (
+    BATCH,
+    interleaved,
+    make_trainer,
+    step_fn,
+    write_synthetic_cache,
+)
+from saekit.training.mechanisms import mechanism_row
+
+
+def window_fn(trainer, steps: int):
+    """Train one density window (the last step closes it, and records when mechanisms are on)."""
+    step, close = step_fn(trainer)
+
+    def run() -> None:
+        for _ in range(steps):
+            step()
+
+    return run, close
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--features", type=int, default=4096)
+    ap.add_argument("--window-steps", type=int, default=30)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = write_synthetic_cache(Path(tmp) / "cache")
+        kw = dict(features=args.features, density_window=args.window_steps * BATCH)
+        on = make_trainer(cache, Path(tmp) / "on", mechanisms=True, **kw)
+        off = make_trainer(cache, Path(tmp) / "off", mechanisms=False, **kw)
+        (run_on, close_on), (run_off, close_off) = (
+            window_fn(on, args.window_steps),
+            window_fn(off, args.window_steps),
+        )
+        t_on, t_off = interleaved([run_on, run_off], args.reps, args.warmup)
+        close_on(), close_off()
+        assert len(on.mechanisms) == (args.reps + args.warmup) and off.mechanisms is None
+        m_on, m_off = statistics.median(t_on), statistics.median(t_off)
+        print(
+            f"relu_l1 {args.features} features, batch {BATCH}, windows of {args.window_steps} steps: "
+            f"{m_on:.3f}s with mechanisms, {m_off:.3f}s without: ratio {m_on / m_off:.4f} "
+            f"({100 * (m_on / m_off - 1):+.2f}%)"
+        )
+        # One recording against one step, alone (the ratio above is noisier: +-1% of a window).
+        x = next(on.reader.batches(start_batch=on.step))
+        step, close = step_fn(off)
+        t_rec, t_step = interleaved(
+            [lambda: mechanism_row(on.sae, x, 1.0), step], args.reps * 4, args.warmup
+        )
+        close()
+        r, s = statistics.median(t_rec), statistics.median(t_step)
+        implied = ", ".join(f"{w} steps {100 * r / (w * s):.2f}%" for w in (16, 30, 100))
+        print(f"one recording {r * 1e3:.1f} ms, one step {s * 1e3:.1f} ms: per window of {implied}")
+
+
+if __name__ == "__main__":
+    main()
