@@ -43,6 +43,9 @@ class RareFeatureConfig:
     """fractions of training at which to resample (the last one leaves time to watch trends)"""
     holdout: float = 0.5
     """fraction of each resampling's picks left alone as the control group"""
+    resample_below: float | None = None
+    """resample features below this density over the dead window, not only silent ones, so the
+    control group holds rare features that still fire (None: Anthropic's rule)"""
     density_window: int = 65_536
     """tokens per density-history window"""
     pool_tokens: int = 1_000_000
@@ -97,6 +100,7 @@ def rare_feature_experiment(cfg: RareFeatureConfig) -> Path:
             resample="anthropic",
             resample_steps=resample_steps,
             resample_holdout=cfg.holdout,
+            resample_below=cfg.resample_below,
             density_window=cfg.density_window,
             checkpoint_every=0,
             seed=cfg.seed,
