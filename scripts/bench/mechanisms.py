@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
             f"({100 * (m_on / m_off - 1):+.2f}%)"
         )
         # One recording against one step, alone (the ratio above is noisier: +-1% of a window).
-        x = next(on.reader.batches(start_batch=on.step))
+        stream = on.source.batches(BATCH, 0)
+        x = next(stream)
+        stream.close()
         step, close = step_fn(off)
         t_rec, t_step = interleaved(
             [lambda: mechanism_row(on.sae, x, 1.0), step], args.reps * 4, args.warmup

@@ -29,13 +29,11 @@ from pathlib import Path
 import torch
 
 from saekit.activations.cache_files import write_cache
-from saekit.activations.cache_format import read_manifest
-from saekit.activations.cache_reader import CacheReader
+from saekit.activations.source import CacheSource
 from saekit.sae.fast_step import StepOutput
 from saekit.sae.model import SAE
 from saekit.training.config import TrainConfig
 from saekit.training.loop import Trainer
-from saekit.training.trainer import _manifest_info
 
 D_IN, BATCH = 512, 4096
 
@@ -61,18 +59,18 @@ def make_trainer(cache: Path, out: Path, **kw) -> Trainer:
     """A Trainer set up as `train()` sets it up (fresh start), without running the loop."""
     cfg = TrainConfig(cache=str(cache), out=str(out), batch_size=BATCH, steps=10**6,
                       resample="none", checkpoint_every=0, dtype="float32", **kw)  # fmt: skip
-    manifest = read_manifest(cache)
-    res = cfg.resolve(*_manifest_info(manifest))
-    reader = CacheReader(cache, cfg.batch_size, seed=cfg.seed)
+    source = CacheSource(cache)
+    res = cfg.resolve(source.d_in, source.mean_norm, source.n_rows)
     out.mkdir(parents=True)
-    trainer = Trainer(cfg, res, reader, manifest, out)
+    trainer = Trainer(cfg, res, source, out)
     trainer.init_fresh()
     return trainer
 
 
 def step_fn(trainer: Trainer) -> tuple[Callable[[], StepOutput], Callable[[], None]]:
-    """The trainer's full step on the reader's next batch, and a function closing the reader."""
-    batches = trainer.reader.batches(start_batch=trainer.step)
+    """The trainer's full step on the source's next batch, and a function closing the stream."""
+    cfg = trainer.cfg
+    batches = trainer.source.batches(cfg.batch_size, cfg.seed, start_batch=trainer.step)
     return (lambda: trainer.train_step(next(batches))), batches.close
 
 
