@@ -114,18 +114,8 @@ def _read_features(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return log10, cls
 
 
-def compare_sites(cfg: CompareSitesConfig) -> Path:
-    from saekit.activations.cache import build_cache
-    from saekit.activations.cache_config import CacheConfig
-    from saekit.activations.corpus import load_texts, tokenize_contexts
-    from saekit.activations.models import load_model
-    from saekit.diagnostics.diagnose import DiagnoseConfig, diagnose
-    from saekit.diagnostics.evaluate import EvaluateConfig, evaluate
-    from saekit.diagnostics.features import ln_final_scale
-    from saekit.sae.io import atomic_write_bytes, atomic_write_json
-    from saekit.training.config import TrainConfig
-    from saekit.training.trainer import train
-
+def _fresh_out(cfg: CompareSitesConfig) -> Path:
+    """The output dir, emptied only if it is an earlier comparison and --overwrite says so."""
     out = Path(cfg.out)
     if len(set(cfg.sites)) != len(cfg.sites) or len(cfg.sites) < 1:
         raise SaekitError(f"--sites must list distinct sites, got {cfg.sites}")
@@ -137,6 +127,83 @@ def compare_sites(cfg: CompareSitesConfig) -> Path:
                 f"{out} does not look like a compare_sites dir; refusing to delete it"
             )
         shutil.rmtree(out)
+    return out
+
+
+def _site_result(cfg: CompareSitesConfig, site: str, cache: Path, out: Path, model, scale) -> dict:
+    """Train, evaluate and diagnose one site; its row of the comparison (plus arrays for plots)."""
+    from saekit.diagnostics.diagnose import DiagnoseConfig, diagnose
+    from saekit.diagnostics.evaluate import EvaluateConfig, evaluate
+    from saekit.training.config import TrainConfig
+    from saekit.training.trainer import train
+
+    print(f"compare_sites: {site}")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    l1 = cfg.l1_coef * manifest["stats"]["mean_norm"] / math.sqrt(manifest["d_in"])
+    run = train(
+        TrainConfig(
+            cache=str(cache),
+            out=str(out / "runs" / site),
+            arch="relu_l1",
+            features=cfg.features,
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            l1_coef=l1,
+            resample="anthropic",
+            resample_holdout=cfg.holdout,
+            seed=cfg.seed,
+            checkpoint_every=0,
+            device=cfg.device,
+        )
+    )
+    ev = evaluate(EvaluateConfig(run=str(run), tokens=cfg.eval_tokens, device=cfg.device))
+    rep = diagnose(
+        DiagnoseConfig(
+            run=str(run),
+            out=str(out / "reports" / site),
+            cache=str(cache),
+            tokens=cfg.tokens,
+            device=cfg.device,
+        )
+    ).path
+    summary = json.loads((rep / "summary.json").read_text())
+    log10, cls = _read_features(rep / "features.csv")
+    conc = site_concentration(Path(run), model, scale)
+    live = cls == "live"
+    m = ev.metrics
+    return {
+        "d_in": manifest["d_in"],
+        "l1_coef": l1,
+        "l0": m["l0"],
+        "fvu_pooled": m["fvu_pooled"],
+        "loss_recovered_zero": m.get("loss_recovered_zero"),
+        "loss_recovered_mean": m.get("loss_recovered_mean"),
+        "kl_clean_spliced": m.get("kl_clean_spliced"),
+        "spliced": m["spliced"],
+        "counts": summary["counts"],
+        "fractions": summary["fractions"],
+        "density_tokens": summary.get("window", {}).get("tokens"),
+        "resolvable_threshold": summary.get("resolvable_threshold"),
+        "rare_1e-4_fraction": float(((log10 < -4) & np.isfinite(log10)).mean()),
+        "logit_concentration_median_live": float(np.nanmedian(conc[live])) if live.any() else None,
+        "logit_concentration_mean_live": float(np.nanmean(conc[live])) if live.any() else None,
+        "logit_concentration_flat_baseline": TOP_TOKENS / model.cfg.d_vocab,
+        "report": str(rep / "report.html"),
+        "_log10": log10,
+        "_conc": conc,
+        "_cls": cls,
+    }
+
+
+def compare_sites(cfg: CompareSitesConfig) -> Path:
+    from saekit.activations.cache import build_cache
+    from saekit.activations.cache_config import CacheConfig
+    from saekit.activations.corpus import load_texts, tokenize_contexts
+    from saekit.activations.models import load_model
+    from saekit.diagnostics.features import ln_final_scale
+    from saekit.sae.io import atomic_write_bytes, atomic_write_json
+
+    out = _fresh_out(cfg)
     t0 = time.perf_counter()
     build_cache(
         CacheConfig(
@@ -158,66 +225,7 @@ def compare_sites(cfg: CompareSitesConfig) -> Path:
     )
     scale = ln_final_scale(model, scale_tokens)
 
-    results: dict[str, dict] = {}
-    for site in cfg.sites:
-        print(f"compare_sites: {site}")
-        manifest = json.loads((cache_of[site] / "manifest.json").read_text())
-        l1 = cfg.l1_coef * manifest["stats"]["mean_norm"] / math.sqrt(manifest["d_in"])
-        run = train(
-            TrainConfig(
-                cache=str(cache_of[site]),
-                out=str(out / "runs" / site),
-                arch="relu_l1",
-                features=cfg.features,
-                steps=cfg.steps,
-                batch_size=cfg.batch_size,
-                l1_coef=l1,
-                resample="anthropic",
-                resample_holdout=cfg.holdout,
-                seed=cfg.seed,
-                checkpoint_every=0,
-                device=cfg.device,
-            )
-        )
-        ev = evaluate(EvaluateConfig(run=str(run), tokens=cfg.eval_tokens, device=cfg.device))
-        rep = diagnose(
-            DiagnoseConfig(
-                run=str(run),
-                out=str(out / "reports" / site),
-                cache=str(cache_of[site]),
-                tokens=cfg.tokens,
-                device=cfg.device,
-            )
-        ).path
-        summary = json.loads((rep / "summary.json").read_text())
-        log10, cls = _read_features(rep / "features.csv")
-        conc = site_concentration(Path(run), model, scale)
-        live = cls == "live"
-        m = ev.metrics
-        results[site] = {
-            "d_in": manifest["d_in"],
-            "l1_coef": l1,
-            "l0": m["l0"],
-            "fvu_pooled": m["fvu_pooled"],
-            "loss_recovered_zero": m.get("loss_recovered_zero"),
-            "loss_recovered_mean": m.get("loss_recovered_mean"),
-            "kl_clean_spliced": m.get("kl_clean_spliced"),
-            "spliced": m["spliced"],
-            "counts": summary["counts"],
-            "fractions": summary["fractions"],
-            "density_tokens": summary.get("window", {}).get("tokens"),
-            "resolvable_threshold": summary.get("resolvable_threshold"),
-            "rare_1e-4_fraction": float(((log10 < -4) & np.isfinite(log10)).mean()),
-            "logit_concentration_median_live": float(np.nanmedian(conc[live]))
-            if live.any()
-            else None,
-            "logit_concentration_mean_live": float(np.nanmean(conc[live])) if live.any() else None,
-            "logit_concentration_flat_baseline": TOP_TOKENS / model.cfg.d_vocab,
-            "report": str(rep / "report.html"),
-            "_log10": log10,
-            "_conc": conc,
-            "_cls": cls,
-        }
+    results = {s: _site_result(cfg, s, cache_of[s], out, model, scale) for s in cfg.sites}
 
     public = {s: {k: v for k, v in r.items() if not k.startswith("_")} for s, r in results.items()}
     doc = {
@@ -239,7 +247,13 @@ def compare_sites(cfg: CompareSitesConfig) -> Path:
     }
     atomic_write_json(out / "compare.json", doc)
     atomic_write_bytes(out / "compare.html", render_compare(doc, results).encode())
-    print(f"compare_sites: {len(cfg.sites)} sites in {doc['seconds']:.0f}s")
+    _print_summary(doc, out)
+    return out
+
+
+def _print_summary(doc: dict, out: Path) -> None:
+    public = doc["sites"]
+    print(f"compare_sites: {len(public)} sites in {doc['seconds']:.0f}s")
     for s, r in public.items():
         lr = r["loss_recovered_zero"]
         print(
@@ -249,16 +263,13 @@ def compare_sites(cfg: CompareSitesConfig) -> Path:
             f"logit conc (median, live) {_f(r['logit_concentration_median_live'])}"
         )
     print(f"report: {out / 'compare.html'}")
-    return out
 
 
-def render_compare(doc: dict, results: dict[str, dict]) -> str:
+def _compare_figures(results: dict[str, dict]) -> list[tuple[str, object]]:
     import plotly.graph_objects as go
-    from plotly.offline import get_plotlyjs
     from plotly.subplots import make_subplots
 
     from saekit.diagnostics.figures import CLASS_COLOURS
-    from saekit.diagnostics.page import CSS
 
     sites = list(results)
     figs = []
@@ -308,7 +319,16 @@ def render_compare(doc: dict, results: dict[str, dict]) -> str:
         yaxis_title=f"logit mass in top {TOP_TOKENS} tokens (live features)", height=380
     )
     figs.append(("Logit-weight concentration", f))
+    return figs
 
+
+def render_compare(doc: dict, results: dict[str, dict]) -> str:
+    from plotly.offline import get_plotlyjs
+
+    from saekit.diagnostics.page import CSS
+
+    sites = list(results)
+    figs = _compare_figures(results)
     rows = "".join(
         f"<tr><td>{html.escape(s)}</td><td>{r['d_in']}</td><td>{r['l0']:.1f}</td>"
         f"<td>{r['fvu_pooled']:.3f}</td><td>{_f(r['loss_recovered_zero'])}</td>"
