@@ -31,8 +31,8 @@ from .config import TrainConfig
 RESUME_FIELDS = (
     "arch", "features", "expansion", "steps", "batch_size", "lr", "l1_coef", "k", "k_aux",
     "aux_coef", "resample", "resample_steps", "dead_window", "resample_inputs",
-    "resample_holdout", "resample_below", "density_window", "seed", "dtype", "include_bos",
-    "model_batch_size", "buffer_tokens",
+    "resample_holdout", "resample_below", "density_window", "seed", "dtype", "matmul_dtype",
+    "include_bos", "model_batch_size", "buffer_tokens",
 )  # fmt: skip
 
 

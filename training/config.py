@@ -105,7 +105,9 @@ class TrainConfig:
     device: str = "cpu"
     """torch device."""
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"
-    """Parameter and activation dtype."""
+    """Dtype of the parameters, Adam's state, the saved weights and the loss (bfloat16 here makes the parameters themselves bfloat16; for bfloat16 speed use --matmul-dtype)."""
+    matmul_dtype: Literal["bfloat16"] | None = None
+    """Dtype of the large matrix products (the encoder; while dense, also the decoder and the weight gradients), computed from copies of the --dtype weights, autocast-style; None: --dtype. Losses and firing counts stay exact (docs/design.md)."""
     resume: bool = False
     """Continue the run in --out from its last checkpoint (bitwise equal to an uninterrupted run)."""
     overwrite: bool = False
@@ -333,10 +335,15 @@ def train_bytes(cfg: TrainConfig, res: ResolvedConfig, world_size: int = 1) -> i
     gradients, Adam's moments, the per-step work buffers, density tracking, the batch and the
     resampling inputs."""
     item = 2 if cfg.dtype == "bfloat16" else 8 if cfg.dtype == "float64" else 4
+    mm = 2 if cfg.matmul_dtype == "bfloat16" else item
     d, batch = res.d_in, max(1, cfg.batch_size // max(1, world_size))
     windows = math.ceil(cfg.steps / res.steps_per_window)
-    work = batch + d if ARCHS[cfg.arch].activation == "topk" else 2 * batch
-    per_feature = item * (4 * (2 * d + 1) + work) + 8 * (2 + windows)
+    # [B, d_sae] buffers in the matmul dtype, the sparse steps' [d_sae, d_in] one, and the
+    # matmul-dtype copies of W_enc and W_dec
+    work = mm * (batch if ARCHS[cfg.arch].activation == "topk" else 2 * batch) + 4 * d
+    if mm != item:
+        work += mm * 2 * d
+    per_feature = item * 4 * (2 * d + 1) + work + 8 * (2 + windows)
     fixed = 4 * batch * d * item + (
         res.resample_inputs * d * 4 if res.resample == "anthropic" else 0
     )

@@ -70,7 +70,10 @@ class Trainer:
         self.sae = SAE(sae_cfg, device=self.device, dtype=self.dtype, seed=cfg.seed)
         self.arch = self.sae.arch
         # loss and gradients of one batch: (x, l1_coef, dead_mask) -> StepOutput
-        self.forward_backward = FastStep(self.sae)
+        mm = DTYPES[cfg.matmul_dtype] if cfg.matmul_dtype else None
+        self.fast_step = FastStep(self.sae, matmul_dtype=mm)
+        self.forward_backward = self.fast_step
+        self._hint_windows = 0  # density windows seen when fast_step.l0_hint was last set
         params = list(self.sae.parameters())
         try:
             self.opt = torch.optim.Adam(params, lr=res.lr, fused=True)
@@ -233,6 +236,8 @@ class Trainer:
             g["lr"] = self.lr_at(self.step)
         if res.input_scale != 1.0:
             x = x * res.input_scale
+        if len(self.density.counts) != self._hint_windows:
+            self.set_l0_hint()
         use_aux = arch.aux_loss != "none" and cfg.aux_coef > 0
         dead_mask = self.density.dead_mask(self.step, res.dead_window) if use_aux else None
         out = self.forward_backward(x, self.l1_at(self.step), dead_mask)
@@ -258,6 +263,14 @@ class Trainer:
             return
         if not (len(m) and m.window_end_step[-1] == self.step):
             m.record(self.sae, x, self.l1_at(self.step - 1), self.step)
+
+    def set_l0_hint(self) -> None:
+        """Tell the step the L0 of the last closed density window (it runs sparse when that is
+        low): one host sync per window, and a function of the history, so a resumed run makes
+        the same choices as an uninterrupted one."""
+        counts, tokens = self.density.counts, self.density.window_tokens
+        self._hint_windows = len(counts)
+        self.fast_step.l0_hint = int(counts[-1].sum()) / tokens[-1] if counts else None
 
     def fit(self) -> dict:
         cfg, res, sae, dens = self.cfg, self.res, self.sae, self.density
