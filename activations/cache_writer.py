@@ -104,7 +104,15 @@ class SiteWriter:
             else:
                 dst.copy_(acts.index_select(0, index[lo : lo + take]))
             self.shard.rows_filled(self.fill + take)
-            self.norms.append(dst.float().norm(dim=1))
+            norms = dst.float().norm(dim=1)
+            if not bool(torch.isfinite(norms).all()):  # float16 overflows above 65504
+                dtype = str(self.dtype).removeprefix("torch.")
+                raise SaekitError(
+                    f"{self.site.name}: activations are not finite as {dtype} (inf or NaN; "
+                    "float16 holds at most 65504); re-run with --dtype bfloat16 (float32's range) "
+                    "or float32 and --overwrite"
+                )
+            self.norms.append(norms)
             self.meta.append({k: v[lo : lo + take] for k, v in meta.items()})
             self.fill += take
             self.next_row += take

@@ -73,3 +73,25 @@ def test_train_diagnose_evaluate_on_a_bfloat16_cache(caches, tmp_path):
     cli_main(["evaluate", "--run", str(runs["bfloat16"]), "--tokens", "1024", "--batch-size", "8"])
     ev = json.loads((runs["bfloat16"] / "eval.json").read_text())
     assert 0 < ev["fvu_pooled"] < 1 and ev["loss_recovered_zero"] > 0
+
+
+def test_float16_overflow_is_refused_while_caching(tmp_path):
+    """Activations beyond float16's 65504 become inf: the writer stops at that batch in one
+    line instead of writing a cache that every reader would refuse."""
+    from saekit.activations.cache_writer import SiteWriter
+    from saekit.activations.sites import Site
+    from saekit.sae.errors import SaekitError
+
+    site = Site("resid_post", 0, "blocks.0.hook_resid_post", 4, 1)
+    meta = {k: torch.zeros(3, dtype=torch.int64) for k in ("tokens", "context", "position")}
+    acts = torch.tensor([[1.0, 2, 3, 4], [5, 6, 7, 8], [1e4, 7e4, 0, 0]])
+    for dtype, fails in ((torch.bfloat16, False), (torch.float16, True)):
+        w = SiteWriter(site, tmp_path, {"shard_rows": 8, "shards": []}, dtype, target=100)
+        if fails:
+            with pytest.raises(
+                SaekitError, match="resid_post: activations are not finite as float16"
+            ):
+                w.add(acts, None, meta, 0, submit=None)
+        else:
+            w.add(acts, None, meta, 0, submit=None)
+            assert w.fill == 3 and torch.isfinite(w.norms[0]).all()
