@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from saekit.sae.errors import SaekitError
+from saekit.sae.fast_step import SPARSE_BELOW
 from saekit.training.config import TrainConfig
 from saekit.training.resample import event_seed
 from saekit.training.trainer import train
@@ -130,11 +131,17 @@ def _run_cli(args: list[str], **kw) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_kill_and_resume_is_bitwise_identical(cache, tmp_path):
+@pytest.mark.parametrize("matmul_dtype", [None, "bfloat16"])
+def test_kill_and_resume_is_bitwise_identical(cache, tmp_path, matmul_dtype):
+    """Also with bfloat16 matmuls, where the step turns sparse once L0 falls (the choice made
+    from the density history, so the resumed run makes the same one)."""
     args = ["--cache", str(cache), "--features", "1024", "--steps", "160", "--batch-size", "512",
             "--checkpoint-every", "20", "--log-every", "20", "--resample", "anthropic",
             "--resample-steps", "40", "100", "--dead-window", "20", "--resample-holdout", "0.5",
             "--resample-inputs", "20000", "--density-window", "5120"]  # fmt: skip
+    if matmul_dtype:  # and a stronger L1 than the default 3 (x mean norm / sqrt(d_in)): L0 < 41
+        l1 = 5 * json.loads((cache / "manifest.json").read_text())["stats"]["mean_norm"] / 512**0.5
+        args += ["--matmul-dtype", matmul_dtype, "--l1-coef", str(l1)]
     full = _run_cli([*args, "--out", str(tmp_path / "full")])
     killed_dir = tmp_path / "killed"
     victim = _run_cli([*args, "--out", str(killed_dir)])
@@ -163,8 +170,11 @@ def test_kill_and_resume_is_bitwise_identical(cache, tmp_path):
             torch.testing.assert_close(
                 a[k], b[k], rtol=0, atol=0, equal_nan=True, msg=f"{name}: {k}"
             )
-    steps = [json.loads(s)["step"] for s in (killed_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(20, 161, 20))
+    lines = [json.loads(s) for s in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(20, 161, 20))
+    if matmul_dtype:  # dense at first, sparse from some window on: both sides of the switch
+        limit = SPARSE_BELOW[torch.bfloat16] * 1024
+        assert lines[0]["l0"] > limit and min(m["l0"] for m in lines[2:]) < limit
 
 
 @pytest.mark.parametrize("arch", ["relu_l1_v2", "topk"])
@@ -343,3 +353,27 @@ def test_mechanisms_file_tracks_every_window(cache, tmp_path):
     assert (m["margin"] > 0).float().mean() > 0.1
     run2 = train(_cfg(cache, tmp_path / "off", steps=5, mechanisms=False))
     assert not (run2 / "mechanisms.safetensors").exists()
+
+
+def test_step_turns_sparse_from_the_window_after_l0_falls(cache, tmp_path):
+    """Each step runs sparse exactly when the L0 of the last closed density window is below
+    SPARSE_BELOW of the features (dense before any window closed)."""
+    from saekit.activations.cache_format import read_manifest
+    from saekit.activations.cache_reader import CacheReader
+    from saekit.training.loop import Trainer
+    from saekit.training.trainer import _manifest_info
+
+    manifest = read_manifest(cache)
+    l1 = 5 * manifest["stats"]["mean_norm"] / 512**0.5
+    cfg = _cfg(cache, tmp_path, steps=60, density_window=5 * 512, l1_coef=l1, checkpoint_every=0)
+    trainer = Trainer(cfg, cfg.resolve(*_manifest_info(manifest)),
+                      CacheReader(cache, cfg.batch_size), manifest, tmp_path)  # fmt: skip
+    trainer.init_fresh()
+    trainer.fit()
+    d = trainer.density
+    l0 = [int(c.sum()) / t for c, t in zip(d.counts, d.window_tokens, strict=True)]
+    limit = SPARSE_BELOW[torch.float32] * 1024
+    # Step s (1..60) knows the windows closed by step s - 1: (s - 1) // 5 of them.
+    want = sum(l0[(s - 1) // 5 - 1] < limit for s in range(6, 61))
+    assert 0 < want < 55 and trainer.fast_step.sparse_calls == want
+    assert trainer.fast_step.calls == 60 and trainer.fast_step.l0_hint == l0[-2]
