@@ -187,9 +187,9 @@ class FastStep:
         # f >= 0, so sign(f) is the firing mask; g_pre's buffer holds it until dL/df
         s = torch.sign(f, out=self._buf("g_pre", (B, m), md))
         if md not in (torch.float32, torch.float64):
-            # bfloat16's 8-bit mantissa would round counts above 256, and sums: count and sum
-            # in float32 instead of by matrix-vector products
-            fired = (f > 0).sum(0)
+            # bfloat16's 8-bit mantissa would round counts above 256, and sums: count in blocks
+            # of 256 rows, sum in float32
+            fired = self._block_counts(s)
             f_sum = f.sum(0, dtype=torch.float32).to(W_enc.dtype)
         else:
             fired = torch.mv(s.t(), ones).long()
@@ -224,6 +224,22 @@ class FastStep:
         if sae.arch.subtract_b_dec:  # pre = (x - b_dec) @ W_enc + b_enc
             b_dec.grad.addmv_(W_enc, b_enc.grad, alpha=-1)
         return StepOutput(mse + l1_coef * sparsity, mse, sparsity, x.new_zeros(()), fired)
+
+    def _block_counts(self, s: Tensor) -> Tensor:
+        """[m] int64 column sums of a 0/1 matrix [B, m] in bfloat16: each block of 256 rows
+        summed by a matmul (exact: at most 256; (s > 0).sum(0) is ~20x slower), then the blocks
+        in float32."""
+        B, m = s.shape
+        n, rest = divmod(B, 256)
+        ones = self._buf("ones_block", (max(n, 1), 1, 256), s.dtype, fill=1.0)
+        counts = s.new_zeros(m, dtype=torch.float32)
+        if n:
+            counts += torch.bmm(ones[:n], s[: n * 256].view(n, 256, m)).sum(0, dtype=torch.float32)[
+                0
+            ]
+        if rest:
+            counts += torch.mv(s[n * 256 :].t(), ones[0, 0, :rest]).float()
+        return counts.long()
 
     def _relu_sparse(self, x: Tensor, x_in: Tensor, pre: Tensor, l1_coef: float) -> StepOutput:
         """The relu step after the encoder, on the active entries only (f = pre where pre > 0)."""
