@@ -35,7 +35,7 @@ from .model import SAE
 # Fraction of a relu SAE's features active per row (L0 / d_sae) below which the sparse step is
 # faster than the dense one, by the dtype of the dense matmuls: measured on a 2-core AVX-512
 # CPU (`python -m saekit.scripts.bench.train --crossover`, docs/benchmarks.md).
-SPARSE_BELOW = {torch.float32: 0.08, torch.float64: 0.08, torch.bfloat16: 0.04}
+SPARSE_BELOW = {torch.float32: 0.06, torch.float64: 0.06, torch.bfloat16: 0.035}
 
 
 class StepOutput(NamedTuple):
