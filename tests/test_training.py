@@ -358,16 +358,14 @@ def test_mechanisms_file_tracks_every_window(cache, tmp_path):
 def test_step_turns_sparse_from_the_window_after_l0_falls(cache, tmp_path):
     """Each step runs sparse exactly when the L0 of the last closed density window is below
     SPARSE_BELOW of the features (dense before any window closed)."""
-    from saekit.activations.cache_format import read_manifest
-    from saekit.activations.cache_reader import CacheReader
+    from saekit.activations.source import CacheSource
     from saekit.training.loop import Trainer
-    from saekit.training.trainer import _manifest_info
 
-    manifest = read_manifest(cache)
-    l1 = 5 * manifest["stats"]["mean_norm"] / 512**0.5
+    source = CacheSource(cache)
+    l1 = 5 * source.mean_norm / 512**0.5
     cfg = _cfg(cache, tmp_path, steps=60, density_window=5 * 512, l1_coef=l1, checkpoint_every=0)
-    trainer = Trainer(cfg, cfg.resolve(*_manifest_info(manifest)),
-                      CacheReader(cache, cfg.batch_size), manifest, tmp_path)  # fmt: skip
+    res = cfg.resolve(source.d_in, source.mean_norm, source.n_rows)
+    trainer = Trainer(cfg, res, source, tmp_path)
     trainer.init_fresh()
     trainer.fit()
     d = trainer.density
