@@ -2,6 +2,7 @@
 
     python -m saekit.scripts.experiments.calibrate_trajectory                   # ~30 s on 2 cores
     python -m saekit.scripts.experiments.calibrate_trajectory --features 1000   # quicker, coarser
+    python -m saekit.scripts.experiments.calibrate_trajectory --regimes 131072x32   # your windows
 
 Each scenario plants `--features` member features with a known rate over training, beside 300
 live features at 1e-3 (the baseline; in one scenario everyone, live features included, declines
@@ -20,10 +21,12 @@ tests/test_trajectory.py asserts on the same scenarios.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
+
+from saekit.sae.errors import SaekitError
 
 # (tokens per window, windows): the rare-feature experiment's windows, a short segment after a
 # late resampling, fewer larger windows, and long runs.
@@ -98,12 +101,21 @@ def simulate(
     return np.concatenate([rare, live], 1), np.full(n_w, window_tokens), group
 
 
+def parse_regime(text: str) -> tuple[int, int]:
+    """(tokens per window, windows) from TOKENSxWINDOWS, e.g. 131072x31."""
+    tok, sep, n_w = text.partition("x")
+    if not (sep and tok.isdigit() and n_w.isdigit() and int(tok) > 0 and int(n_w) > 1):
+        raise SaekitError(f"regime {text!r}: give TOKENSxWINDOWS, e.g. 131072x31")
+    return int(tok), int(n_w)
+
+
 def run_scenario(scenario: str, regime: str, n_features: int, seed: int, config=None) -> dict:
-    """Simulate one scenario on one window regime and test it: outcome shares among members."""
+    """Simulate one scenario on one window regime (a REGIMES name or TOKENSxWINDOWS) and test it:
+    outcome shares among members."""
     from saekit.diagnostics.trajectory import OUTCOMES, trajectory_test
 
     sc = SCENARIOS[scenario]
-    tok, n_w = REGIMES[regime]
+    tok, n_w = REGIMES[regime] if regime in REGIMES else parse_regime(regime)
     common = None if sc.common is None else window_rates(sc.common, tok, n_w)
     rates = window_rates(sc.rate, tok, n_w)
     counts, wt, group = simulate(rates, tok, n_features, seed, sc.dispersion, common=common)
@@ -129,6 +141,8 @@ class CalibrateConfig:
     """planted member features per scenario and regime"""
     seed: int = 0
     """seed of the simulation"""
+    regimes: list[str] = field(default_factory=list)
+    """window regimes as TOKENSxWINDOWS, e.g. 131072x31 (empty: the built-in ones)"""
 
 
 def calibrate(cfg: CalibrateConfig) -> list[dict]:
@@ -147,8 +161,10 @@ def calibrate(cfg: CalibrateConfig) -> list[dict]:
     print(head)
     print("|" + "---|" * 10)
     rows = []
+    for r in cfg.regimes:
+        parse_regime(r)
     for i, scenario in enumerate(SCENARIOS):
-        for j, regime in enumerate(REGIMES):
+        for j, regime in enumerate(cfg.regimes or REGIMES):
             r = run_scenario(scenario, regime, cfg.features, cfg.seed + 100 * i + j)
             rows.append({"scenario": scenario, "regime": regime, **r})
             # A share of fewer than 100 tested features says little: not printed.
