@@ -1,0 +1,79 @@
+"""The synthetic rare-feature experiment (scripts/experiments/synthetic_rare.py): a tiny end-to-end
+run, and the per-arm aggregation on planted numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from saekit.sae.errors import SaekitError
+from saekit.scripts.experiments.synthetic_rare import (
+    SyntheticRareConfig,
+    _cell,
+    aggregate,
+    synthetic_rare,
+)
+
+
+def _result(arm: str, seed: int, fvu: float, rare_n: int, resolved: bool = True) -> dict:
+    live = {"n": rare_n, "real_rare": rare_n, "unresolved": 0, "imprecise": 0, "absorbed": 0,
+            "artifact": 0}  # fmt: skip
+    return {
+        "variant": "standard", "arm": arm, "seed": seed, "fvu": fvu, "l0": 2.0, "dead": seed,
+        "held_out": 0, "n_matched": 10, "n_rare_resolved": resolved, "rare_live": live,
+        "below": {"n": 3, "matched_rare": 1, "matched_frequent": 0, "unmatched": 2},
+        "recovery": [{"p_lo": 1e-5, "recall": 0.5 * seed}],
+        "trajectory": {"rare": {"n": 4, "falling": seed, "died": 0, "settled": 0,
+                                "unresolved": 4 - seed, "n_tested": 4}},
+    }  # fmt: skip
+
+
+def test_aggregate_gives_mean_and_range_over_seeds_and_unresolved_when_a_seed_cannot_say():
+    rs = [_result("off", s, f, 2) for s, f in ((0, 0.1), (1, 0.2), (2, 0.6))]
+    rs += [_result("below", 0, 0.1, 5), _result("below", 1, 0.1, 7, resolved=False)]
+    by = {a["arm"]: a for a in aggregate(rs)}
+    off = by["off"]["stats"]
+    assert off["fvu"] == pytest.approx({"mean": 0.3, "min": 0.1, "max": 0.6, "n": 3})
+    assert off["dead"]["mean"] == 1 and off["traj_rare_falling"]["max"] == 2
+    assert off["recall_1e-05"]["max"] == 1.0 and by["off"]["seeds"] == [0, 1, 2]
+    # One seed's window could not resolve 1e-5: the count is not reported, for the whole arm.
+    assert by["below"]["stats"]["rare_n"] is None and by["below"]["stats"]["fvu"]["n"] == 2
+    assert _cell(None) == "unresolved" and _cell(off["fvu"]) == "0.3 (0.1..0.6)"
+
+
+def test_tiny_study_runs_end_to_end_and_reuses_finished_runs(tmp_path):
+    cfg = SyntheticRareConfig(
+        out=str(tmp_path / "exp"), features=32, steps=40, batch_size=512, arms=["off", "below"],
+        control_arms=[], seeds=[0], resample_at=[0.5], density_window=2048, pool_tokens=4096,
+        burn_in_tokens=2048, resample_below=1e-2,
+    )  # fmt: skip
+    out = synthetic_rare(cfg)
+    doc = json.loads((out / "results.json").read_text())
+    assert [(r["arm"], r["seed"]) for r in doc["runs"]] == [("off", 0), ("below", 0)]
+    below = doc["runs"][1]
+    assert below["tokens"] == 40 * 512 and 0 <= below["fvu"] < 2 and below["l0"] > 0
+    assert below["n_matched"] >= 0 and sum(b["n_true"] for b in below["recovery"]) == 128
+    assert set(below["trajectory"]) >= {"control", "rare"}
+    assert doc["runs"][0]["held_out"] == 0  # no resampling in the off arm
+    md = (out / "results.md").read_text()
+    assert "| standard | below | 1 |" in md and "Recall of true features" in md
+    # A second call reuses the finished runs (same numbers, no retraining).
+    stamp = (out / "runs" / "standard-off-s0" / "result.json").stat().st_mtime_ns
+    again = json.loads((synthetic_rare(cfg) / "results.json").read_text())
+    assert again["runs"] == doc["runs"]
+    assert (out / "runs" / "standard-off-s0" / "result.json").stat().st_mtime_ns == stamp
+    with pytest.raises(SaekitError, match="arms"):
+        synthetic_rare(SyntheticRareConfig(out=str(tmp_path / "x"), arms=["sometimes"]))
+
+
+def test_calibration_runs_on_a_regime_given_as_tokens_x_windows():
+    from saekit.scripts.experiments.calibrate_trajectory import parse_regime, run_scenario
+
+    assert parse_regime("131072x31") == (131072, 31)
+    row = run_scenario("constant 1e-5", "1000000x20", 500, seed=1)
+    assert row["n"] == 500 and row["falling"] == 0 and row["died"] == 0
+    assert row["firings"] == pytest.approx(200, rel=0.2)  # 1e-5 x 2e7 tokens, minus burn-in
+    for bad in ("131072", "x31", "131072x1", "ax3"):
+        with pytest.raises(SaekitError, match="TOKENSxWINDOWS"):
+            parse_regime(bad)
