@@ -55,6 +55,8 @@ def test_tiny_study_runs_end_to_end_and_reuses_finished_runs(tmp_path):
     assert below["tokens"] == 40 * 512 and 0 <= below["fvu"] < 2 and below["l0"] > 0
     assert below["n_matched"] >= 0 and sum(b["n_true"] for b in below["recovery"]) == 128
     assert set(below["trajectory"]) >= {"control", "rare"}
+    assert set(below["planted"]) == {"1e-04", "1e-05", "1e-06"}
+    assert all(0 <= v <= 16 for v in below["planted"].values())
     assert doc["runs"][0]["held_out"] == 0  # no resampling in the off arm
     md = (out / "results.md").read_text()
     assert "| standard | below | 1 |" in md and "Recall of true features" in md

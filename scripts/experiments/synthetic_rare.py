@@ -106,7 +106,9 @@ def _arm_flags(cfg: SyntheticRareConfig, arm: str) -> dict[str, Any]:
                 resample_below=below)  # fmt: skip
 
 
-def _one_run(cfg: SyntheticRareConfig, variant: str, arm: str, seed: int, where: Path) -> dict:
+def _one_run(
+    cfg: SyntheticRareConfig, variant: str, arm: str, seed: int, where: Path, planted: list[float]
+) -> dict:
     """Train, evaluate and diagnose one run; its result.json (the numbers the tables need)."""
     from saekit.diagnostics.diagnose import DiagnoseConfig, diagnose
     from saekit.diagnostics.evaluate import EvaluateConfig, evaluate
@@ -159,6 +161,8 @@ def _one_run(cfg: SyntheticRareConfig, variant: str, arm: str, seed: int, where:
         "n_rare_resolved": gt["rare"]["resolved"],
         "rare_live": gt["rare"]["live"], "rare_dead": gt["rare"]["dead"],
         "below": _rare_classes(rep / "features.csv", cfg.rare_threshold),
+        "planted": _planted_matched(rep / "features.csv", planted),
+        "trend_median": _median_trends(rep / "features.csv"),
         "n_matched": gt["matching"]["n_matched"], "recovery": gt["recovery_curve"],
         "trajectory": {g: v["counts"] | {"n": v["n"], "n_tested": v["n_tested"]}
                        for g, v in traj.get("by_group", {}).items()},
@@ -188,6 +192,30 @@ def _rare_classes(csv_path: Path, threshold: float) -> dict[str, int]:
     return out
 
 
+def _planted_matched(csv_path: Path, planted: list[float]) -> dict[str, int]:
+    """How many SAE features are matched to each planted block's true features (the matching is
+    unique, so this is the block's recall times its size)."""
+    import csv
+
+    with open(csv_path, newline="") as f:
+        p = [float(r["gt_p_true"]) for r in csv.DictReader(f) if int(r["gt_true_feature"]) >= 0]
+    return {f"{d:.0e}": sum(abs(v - d) <= 1e-9 * d for v in p) for d in planted}
+
+
+def _median_trends(csv_path: Path) -> dict[str, float | None]:
+    """Median fitted trend (decades per 1e7 tokens, relative to the live baseline) of the
+    trajectory test's tested control and rare features."""
+    import csv
+    import statistics
+
+    by: dict[str, list[float]] = {"control": [], "rare": []}
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["trajectory_group"] in by and row["trend"] not in ("", "nan"):
+                by[row["trajectory_group"]].append(float(row["trend"]))
+    return {g: statistics.median(v) if v else None for g, v in by.items()}
+
+
 def _stat(vals: list[float | None]) -> dict | None:
     """Mean and min..max over seeds (None when a seed has no value)."""
     if not vals or any(v is None for v in vals):
@@ -202,6 +230,10 @@ def _flatten(r: dict) -> dict[str, float | None]:
     live = r["rare_live"]
     for k in ("n", "real_rare", "unresolved", "imprecise", "absorbed", "artifact"):
         out[f"rare_{k}"] = live[k] if r["n_rare_resolved"] else None
+    for k, v in r.get("trend_median", {}).items():
+        out[f"trend_{k}"] = v
+    for k, v in r.get("planted", {}).items():
+        out[f"planted_{k}"] = v
     for k, v in r["below"].items():
         out[f"below_{k}"] = v
     for b in r["recovery"]:
@@ -263,13 +295,27 @@ def markdown(agg: list[dict], cfg: SyntheticRareConfig) -> str:
     for a in agg:
         cells = [_cell(a["stats"].get(k), "{:.2f}") for k in recall]
         lines.append(f"| {a['variant']} | {a['arm']} | " + " | ".join(cells) + " |")
-    lines += ["", "Trajectory test (counts per group: n / falling / died / settled / unresolved):",
-              "", "| variant | arm | group | n | falling | died | settled | unresolved |",
-              "|" + "---|" * 8]  # fmt: skip
+    blocks = sorted({k for a in agg for k in a["stats"] if k.startswith("planted_")},
+                    key=lambda k: -float(k.split("_")[1]))  # fmt: skip
+    lines += ["", "SAE features matched to each planted block's true features:", "",
+              "| variant | arm | " + " | ".join(k.split("_")[1] for k in blocks) + " |",
+              "|" + "---|" * (2 + len(blocks))]  # fmt: skip
+    for a in agg:
+        if a["variant"] == "standard":
+            cells = [_cell(a["stats"].get(k)) for k in blocks]
+            lines.append(f"| {a['variant']} | {a['arm']} | " + " | ".join(cells) + " |")
+    lines += ["", "Trajectory test (features per outcome; median trend of the tested ones in decades "
+              "per 1e7 tokens relative to the live baseline):",
+              "", "| variant | arm | group | n | falling | died | settled | unresolved | median trend |",
+              "|" + "---|" * 9]  # fmt: skip
     for a in agg:
         for g in ("control", "rare"):
+            n = a["stats"].get(f"traj_{g}_n")
+            if n is None or n["max"] == 0:  # no such group in this arm
+                continue
             cells = [_cell(a["stats"].get(f"traj_{g}_{k}"), "{:.3g}")
                      for k in ("n", "falling", "died", "settled", "unresolved")]  # fmt: skip
+            cells.append(_cell(a["stats"].get(f"trend_{g}"), "{:.2f}"))
             lines.append(f"| {a['variant']} | {a['arm']} | {g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -311,6 +357,7 @@ def check_spec(cfg: SyntheticRareConfig) -> list[dict]:
 
 
 def synthetic_rare(cfg: SyntheticRareConfig) -> Path:
+    from saekit.activations.source import parse_synthetic
     from saekit.sae.io import atomic_write_json
 
     if cfg.check_spec:
@@ -324,6 +371,8 @@ def synthetic_rare(cfg: SyntheticRareConfig) -> Path:
         if not (out / "runs").is_dir():
             raise SaekitError(f"{out} does not look like a synthetic_rare dir; refusing to delete")
         shutil.rmtree(out)
+    spec = parse_synthetic(cfg.synthetic)
+    planted = lambda v: [] if v == "artifact_control" else spec.planted  # noqa: E731
     plan = [("standard", a, s) for a in cfg.arms for s in cfg.seeds]
     plan += [("artifact_control", a, s) for a in cfg.control_arms for s in cfg.seeds]
     results = []
@@ -333,8 +382,11 @@ def synthetic_rare(cfg: SyntheticRareConfig) -> Path:
         r = (
             json.loads(done.read_text())
             if done.is_file()
-            else _one_run(cfg, variant, arm, seed, where)
+            else _one_run(cfg, variant, arm, seed, where, planted(variant))
         )
+        if "trend_median" not in r:  # a result.json from before these were kept
+            r["planted"] = _planted_matched(where / "report" / "features.csv", planted(variant))
+            r["trend_median"] = _median_trends(where / "report" / "features.csv")
         print(f"synthetic_rare: [{i + 1}/{len(plan)}] {variant} {arm} seed {seed}: FVU "
               f"{r['fvu']:.3f}, L0 {r['l0']:.1f}, {r['dead']} dead, {r['seconds']:.0f}s", flush=True)  # fmt: skip
         results.append(r)
