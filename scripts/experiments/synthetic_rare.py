@@ -225,7 +225,7 @@ def _stat(vals: list[float | None]) -> dict | None:
 
 def _flatten(r: dict) -> dict[str, float | None]:
     """The per-run numbers aggregated across seeds, by name."""
-    out: dict[str, float | None] = {"fvu": r["fvu"], "l0": r["l0"], "dead": r["dead"],
+    out: dict[str, float | None] = {"baseline_trend": r["baseline_trend"], "fvu": r["fvu"], "l0": r["l0"], "dead": r["dead"],
                                     "held_out": r["held_out"], "n_matched": r["n_matched"]}  # fmt: skip
     live = r["rare_live"]
     for k in ("n", "real_rare", "unresolved", "imprecise", "absorbed", "artifact"):
@@ -258,9 +258,9 @@ def aggregate(results: list[dict]) -> list[dict]:
     return out
 
 
-def _cell(s: dict | None, fmt: str = "{:.3g}") -> str:
+def _cell(s: dict | None, fmt: str = "{:.3g}", none: str = "unresolved") -> str:
     if s is None:
-        return "unresolved"
+        return none
     if s["min"] == s["max"]:
         return fmt.format(s["mean"])
     return f"{fmt.format(s['mean'])} ({fmt.format(s['min'])}..{fmt.format(s['max'])})"
@@ -293,7 +293,7 @@ def markdown(agg: list[dict], cfg: SyntheticRareConfig) -> str:
               "| variant | arm | " + " | ".join(k.split("_")[1] for k in recall) + " |",
               "|" + "---|" * (2 + len(recall))]  # fmt: skip
     for a in agg:
-        cells = [_cell(a["stats"].get(k), "{:.2f}") for k in recall]
+        cells = [_cell(a["stats"].get(k), "{:.2f}", "-") for k in recall]  # -: no true feature
         lines.append(f"| {a['variant']} | {a['arm']} | " + " | ".join(cells) + " |")
     blocks = sorted({k for a in agg for k in a["stats"] if k.startswith("planted_")},
                     key=lambda k: -float(k.split("_")[1]))  # fmt: skip
@@ -306,8 +306,8 @@ def markdown(agg: list[dict], cfg: SyntheticRareConfig) -> str:
             lines.append(f"| {a['variant']} | {a['arm']} | " + " | ".join(cells) + " |")
     lines += ["", "Trajectory test (features per outcome; median trend of the tested ones in decades "
               "per 1e7 tokens relative to the live baseline):",
-              "", "| variant | arm | group | n | falling | died | settled | unresolved | median trend |",
-              "|" + "---|" * 9]  # fmt: skip
+              "", "| variant | arm | group | n | falling | died | settled | unresolved | median trend | "
+              "baseline's own trend |", "|" + "---|" * 10]  # fmt: skip
     for a in agg:
         for g in ("control", "rare"):
             n = a["stats"].get(f"traj_{g}_n")
@@ -316,6 +316,7 @@ def markdown(agg: list[dict], cfg: SyntheticRareConfig) -> str:
             cells = [_cell(a["stats"].get(f"traj_{g}_{k}"), "{:.3g}")
                      for k in ("n", "falling", "died", "settled", "unresolved")]  # fmt: skip
             cells.append(_cell(a["stats"].get(f"trend_{g}"), "{:.2f}"))
+            cells.append(_cell(a["stats"].get("baseline_trend"), "{:.2f}"))
             lines.append(f"| {a['variant']} | {a['arm']} | {g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
