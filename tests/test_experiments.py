@@ -20,7 +20,7 @@ def _result(arm: str, seed: int, fvu: float, rare_n: int, resolved: bool = True)
     live = {"n": rare_n, "real_rare": rare_n, "unresolved": 0, "imprecise": 0, "absorbed": 0,
             "artifact": 0}  # fmt: skip
     return {
-        "variant": "standard", "arm": arm, "seed": seed, "fvu": fvu, "l0": 2.0, "dead": seed,
+        "variant": "standard", "arm": arm, "seed": seed, "baseline_trend": -0.3, "fvu": fvu, "l0": 2.0, "dead": seed,
         "held_out": 0, "n_matched": 10, "n_rare_resolved": resolved, "rare_live": live,
         "below": {"n": 3, "matched_rare": 1, "matched_frequent": 0, "unmatched": 2},
         "recovery": [{"p_lo": 1e-5, "recall": 0.5 * seed}],

@@ -225,8 +225,8 @@ def _stat(vals: list[float | None]) -> dict | None:
 
 def _flatten(r: dict) -> dict[str, float | None]:
     """The per-run numbers aggregated across seeds, by name."""
-    out: dict[str, float | None] = {"baseline_trend": r["baseline_trend"], "fvu": r["fvu"], "l0": r["l0"], "dead": r["dead"],
-                                    "held_out": r["held_out"], "n_matched": r["n_matched"]}  # fmt: skip
+    keys = ("baseline_trend", "fvu", "l0", "dead", "held_out", "n_matched")
+    out: dict[str, float | None] = {k: r[k] for k in keys}
     live = r["rare_live"]
     for k in ("n", "real_rare", "unresolved", "imprecise", "absorbed", "artifact"):
         out[f"rare_{k}"] = live[k] if r["n_rare_resolved"] else None
