@@ -53,6 +53,19 @@ class Site(NamedTuple):
         return self.hook_name if self.site == "hook" else self.site
 
 
+def site_of_hook(hook_name: str) -> tuple[str | None, int | None]:
+    """(site, layer) of a hook name: the SITES entry whose template it fills (mlp_post for
+    blocks.3.mlp.hook_post), else (None, the block it is in, or None)."""
+    for site, template in SITES.items():
+        if site in DERIVED:
+            continue
+        pattern = re.escape(template).replace(re.escape("{layer}"), r"(\d+)")
+        m = re.fullmatch(pattern, hook_name)
+        if m:
+            return site, int(m.group(1))
+    return None, _hook_layer(hook_name)
+
+
 def _hook_layer(hook_name: str) -> int | None:
     m = re.match(r"blocks\.(\d+)\.", hook_name)
     return int(m.group(1)) if m else None

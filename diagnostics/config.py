@@ -19,7 +19,7 @@ class DiagnoseConfig:
     summary.json."""
 
     run: str
-    """run dir written by `saekit train`"""
+    """run dir written by `saekit train`, or any SAELens-format SAE dir"""
     out: str
     """report dir to write report.html, features.csv and summary.json into"""
     cache: str | None = None
@@ -72,6 +72,10 @@ class DiagnoseConfig:
     ln_scale: float | None = None
     """ln_final's typical scale for the logit weights (default: measured on ~2k tokens of the
     run's dataset, test split)"""
+    model: str | None = None
+    """model the SAE reads, for logit weights and contexts (default: cfg.json's metadata.model_name)"""
+    hook: str | None = None
+    """TransformerLens hook the SAE reads, e.g. blocks.0.mlp.hook_post (default: cfg.json's metadata.hook_name); its site and layer are read from the name"""
     device: str = "cpu"
     """torch device"""
     seed: int = 0

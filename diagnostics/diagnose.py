@@ -33,6 +33,7 @@ from .features import (
 )
 from .groups import run_trajectory
 from .report import Report, ReportData, features_csv, jsonable
+from .run_info import check_hook, complete_metadata
 
 
 class RunInputs(NamedTuple):
@@ -52,6 +53,7 @@ def load_inputs(cfg: DiagnoseConfig) -> RunInputs:
     run = Path(cfg.run)
     sae, meta = load_sae(run, device=cfg.device)
     sae.eval()
+    meta = complete_metadata(meta, cfg.model, cfg.hook)
     d_sae = sae.W_dec.shape[0]
     bad = [i for i in cfg.features if not 0 <= i < d_sae]
     if bad:
@@ -70,7 +72,7 @@ def load_inputs(cfg: DiagnoseConfig) -> RunInputs:
         )
     if hist is None and not fresh:
         raise SaekitError(
-            f"{run} has no density_history.safetensors; pass --cache (or --synthetic) to measure density afresh"
+            f"{run} has no density_history.safetensors; pass --cache (a cache of the SAE's model and hook) or --synthetic to measure density afresh"
         )
     if hist is not None and len(hist.counts) == 0 and not fresh:
         raise SaekitError(f"{hist_path} holds no windows (training too short); pass --cache")
@@ -94,15 +96,24 @@ def synthetic_run(meta: dict) -> bool:
     return meta.get("model_name") == "synthetic"
 
 
-def load_run_model(cfg: DiagnoseConfig, meta: dict, warnings: list[str]) -> tuple[Any, list[str]]:
-    """The run's model and its token texts, for logit weights and contexts (loaded before any
-    long work: it fails fast when offline). (None, []) when neither needs it."""
+def load_run_model(
+    cfg: DiagnoseConfig, meta: dict, d_in: int, warnings: list[str]
+) -> tuple[Any, list[str]]:
+    """The run's model (checked to have the SAE's hook, d_in wide) and its token texts, for
+    logit weights and contexts (loaded before any long work: it fails fast when offline).
+    (None, []) when neither needs it."""
     if not (cfg.logits or cfg.cache is not None) or synthetic_run(meta):
         return None, []
     from ..activations.models import load_model as load
 
+    if meta.get("model_name") is None:
+        raise SaekitError(
+            f"{cfg.run}/cfg.json metadata lacks model_name; pass --model (or --no-logits without --cache)"
+        )
     try:
-        model = load(meta.get("model_name") or "default", device=cfg.device)
+        model = load(meta["model_name"], device=cfg.device)
+        if meta.get("hook_name") is not None:
+            check_hook(model, meta, d_in)
     except SaekitError as e:
         if cfg.logits:
             raise SaekitError(f"{e} (or pass --no-logits to skip logit weights)") from None
@@ -416,7 +427,7 @@ def diagnose(cfg: DiagnoseConfig) -> Report:
     out = check_inputs(cfg)
     inp = load_inputs(cfg)
     warnings: list[str] = []
-    model, vocab = load_run_model(cfg, inp.meta, warnings)
+    model, vocab = load_run_model(cfg, inp.meta, inp.sae.cfg.d_in, warnings)
     if cfg.cache is not None:
         dens = density_from_cache(cfg, inp)
     elif cfg.synthetic is not None:

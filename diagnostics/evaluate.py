@@ -30,11 +30,8 @@ import torch
 from torch import Tensor
 
 from ..sae.errors import SaekitError, check_device
-from .features import DEAD, ULTRA_RARE, classify
+from .run_info import check_hook, complete_metadata, feature_classes
 from .splice import Recon, derived_site_metrics, splice_metrics
-
-DEAD_DENSITY = 0.0
-ULTRA_RARE_DENSITY = 1e-6
 
 
 @dataclass
@@ -44,7 +41,13 @@ class EvaluateConfig:
     Writes eval.json in the run dir and prints a short table."""
 
     run: str
-    """run dir written by `saekit train`"""
+    """run dir written by `saekit train`, or any SAELens-format SAE dir"""
+    model: str | None = None
+    """model the SAE reads (default: cfg.json's metadata.model_name)"""
+    hook: str | None = None
+    """TransformerLens hook the SAE reads, e.g. blocks.0.mlp.hook_post (default: cfg.json's metadata.hook_name)"""
+    context_size: int | None = None
+    """tokens per evaluation context (default: cfg.json's metadata.context_size)"""
     dataset: str | None = None
     """corpus to evaluate on; default: the run's dataset (for the default corpus, its held-out split "test")"""
     split: str | None = None
@@ -65,45 +68,6 @@ class EvaluateConfig:
 class Evaluation(NamedTuple):
     path: Path  # eval.json
     metrics: dict
-
-
-def feature_classes(run_dir: Path) -> dict:
-    """Dead / ultra-rare counts from the last window of the density history (or sparsity file)."""
-    from safetensors.torch import load_file
-
-    hist = run_dir / "density_history.safetensors"
-    sparsity = run_dir / "sparsity.safetensors"
-    if hist.exists():
-        h = load_file(str(hist))
-        if len(h["window_tokens"]) == 0:
-            return {"density_source": None}
-        counts, n = h["counts"][-1], int(h["window_tokens"][-1])
-        density = counts.double() / n
-        source = f"density_history.safetensors, last window ({n} tokens)"
-    elif sparsity.exists():
-        log10 = next(iter(load_file(str(sparsity)).values())).double()
-        density = torch.where(log10 < -9.5, 0.0, 10**log10)  # SAELens adds 1e-10 before log10
-        n = None
-        source = "sparsity.safetensors"
-    else:
-        return {"density_source": None}
-    # classify() wants counts; a density is the same with tokens=1.
-    cls = classify(density, 1, DEAD_DENSITY, ULTRA_RARE_DENSITY)
-    d_sae = len(density)
-    dead, ultra = int((cls == DEAD).sum()), int((cls == ULTRA_RARE).sum())
-    # With fewer than 1e6 tokens in the window, no non-zero density is below 1e-6: the count
-    # would be a 0 that means nothing, so it is None.
-    resolvable = n is None or n * ULTRA_RARE_DENSITY >= 1
-    return {
-        "d_sae": d_sae,
-        "dead": dead,
-        "ultra_rare": ultra if resolvable else None,
-        "dead_fraction": dead / d_sae,
-        "ultra_rare_fraction": ultra / d_sae if resolvable else None,
-        "ultra_rare_threshold": ULTRA_RARE_DENSITY,
-        "ultra_rare_resolvable": resolvable,
-        "density_source": source,
-    }
 
 
 def _dataset_spec(meta_dataset, dataset: str | None, split: str | None) -> tuple[str, str, str]:
@@ -184,18 +148,19 @@ def _load_run(cfg: EvaluateConfig) -> tuple[Path, Any, dict]:
         )
     if cfg.tokens <= 0 or cfg.batch_size <= 0:
         raise SaekitError("--tokens and --batch-size must be positive")
+    if cfg.context_size is not None and cfg.context_size < 2:
+        raise SaekitError(f"--context-size must be >= 2 (got {cfg.context_size})")
     check_device(cfg.device)
     sae, meta = load_sae(run_dir, device=cfg.device)
     sae.eval()
-    needed = (
-        ("model_name",)
-        if meta.get("model_name") == "synthetic"
-        else ("model_name", "hook_name", "context_size")
-    )
-    for key in needed:
+    meta = complete_metadata(meta, cfg.model, cfg.hook, cfg.context_size)
+    flags = {"model_name": "--model", "hook_name": "--hook", "context_size": "--context-size"}
+    if meta.get("model_name") == "synthetic":  # synthetic runs need no model, hook or contexts
+        flags = {"model_name": "--model"}
+    for key, flag in flags.items():
         if meta.get(key) is None:
             raise SaekitError(
-                f"{run_dir}/cfg.json metadata lacks {key}; re-save the run with saekit"
+                f"{run_dir}/cfg.json metadata lacks {key}; pass {flag} (or re-save the run with saekit)"
             )
     return run_dir, sae, meta
 
@@ -270,12 +235,13 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
     include_bos = _cache_kept_bos(run_dir, meta)
     model = load_model(meta["model_name"], device=cfg.device)
     model.eval()
+    check_hook(model, meta, sae.cfg.d_in)
     tokens = _eval_tokens(cfg, model, meta, run_dir, dataset, split, col)
     bos = None if include_bos else model.tokenizer.bos_token_id
 
     def sae_fn(x: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        f = sae.encode(x.float())
-        return sae.decode(f if keep is None else f * keep), f
+        out = sae.reconstruct(x, keep)  # inference; input normalisation of SAELens SAEs undone
+        return out.recon, out.acts
 
     abl = {k: partial(sae_fn, keep=(~m).to(sae.W_dec)) for k, m in masks.items()}
     derived = meta.get("site") in DERIVED
@@ -291,7 +257,8 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
     for k, r in m.get("ablations", {}).items():
         m["ablations"][k] = {"n_features": int(masks[k].sum()), **r}
     header = _header(meta, dataset, split, derived, include_bos)
-    metrics = {**header, **m, **feature_classes(run_dir)}
+    fired = m.pop("fired")
+    metrics = {**header, **m, **feature_classes(run_dir, fired, m["n_tokens"])}
     if masks:
         metrics["ablation_classes"] = ablate_note
     metrics = _finite(metrics)
@@ -326,12 +293,14 @@ def _evaluate_synthetic(
     sums = {k: {"sq_err": 0.0} for k in masks}
     for i in range(0, len(x), 4096):
         xb = x[i : i + 4096].to(cfg.device)
-        f = sae.encode(xb)
-        rec.add(xb, sae.decode(f), f)
-        counts += (f > 0).sum(0).cpu()
+        out = sae.reconstruct(xb)
+        rec.add(xb, out.recon, out.acts)
+        counts += (out.acts > 0).sum(0).cpu()
         for k, keep in keeps.items():
-            sums[k]["sq_err"] += (xb - sae.decode(f * keep)).double().pow(2).sum().item()
+            sums[k]["sq_err"] += (xb - sae.reconstruct(xb, keep).recon).double().pow(2).sum().item()
     gt = score(sae, truth, counts, cfg.tokens, ScoreConfig())
+    recon = rec.result()
+    fired = recon.pop("fired")
     metrics = {
         "model": "synthetic", "spliced": False, "dataset": "synthetic", "split": None,
         "not_spliced_reason": "synthetic activations: there is no model to splice the SAE into, "
@@ -339,7 +308,7 @@ def _evaluate_synthetic(
         "run's synthetic source, and ground_truth scores the SAE against its true features",
         "fvu_pooled_definition": "sum ||x-x_hat||^2 / sum ||x-mean||^2 over all eval rows",
         "mse_definition": "mean over rows of ||x-x_hat||^2",
-        **rec.result(), "n_tokens": rec.n, **feature_classes(run_dir), "ground_truth": gt.summary(),
+        **recon, "n_tokens": rec.n, **feature_classes(run_dir, fired, rec.n), "ground_truth": gt.summary(),
     }  # fmt: skip
     if masks:
         from .ablate import ablation_results

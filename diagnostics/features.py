@@ -248,10 +248,12 @@ def run_logit_tokens(
     """The top and bottom k logit tokens of a run's features (None when its site has no known
     path to the logits), summary.json's "logit_weights" entry, and a warning for the reader (or
     None). ln_scale None: measured on the run's dataset."""
-    site, layer, hook_name = meta.get("site"), meta.get("layer"), meta.get("hook_name", "")
+    site, layer, hook_name = meta.get("site"), meta.get("layer"), meta.get("hook_name") or ""
     recipe = logit_site(site, hook_name, W_dec.shape[1], model)
+    if recipe == "mlp_post" and layer is None:  # W_out of which block is unknown
+        recipe = None
     if recipe is None:
-        warning = f"No logit weights: site {site or hook_name} has no known path to the logits."
+        warning = f"No logit weights: site {site or hook_name or '(unknown)'} has no known path to the logits."
         return None, {"computed": False}, warning
     scale = ln_scale if ln_scale is not None else ln_final_scale(model, scale_tokens(meta, model))
     top = top_logit_tokens(W_dec, model, recipe, layer, scale, k=k)
@@ -306,10 +308,10 @@ def measure_density(
     n = 0
     for x in batches:
         x = x.to(dev, sae.W_dec.dtype)
-        pre = sae.pre_acts(x)  # the forward's steps, keeping the pre-activations
-        acts = sae.activate(pre)  # [B, d_sae], dense for every arch
+        out = sae.reconstruct(x)  # the SAE as saved: inference features (batchtopk: threshold)
+        pre, acts = out.pre, out.acts  # [B, d_sae], dense for every arch
         counts += (acts > 0).sum(0)
-        sq_err += (x - sae.decode(acts)).double().pow(2).sum()
+        sq_err += (x - out.recon).double().pow(2).sum()
         sum_x += x.double().sum(0)
         sum_sq += x.double().pow(2).sum()
         x_min = torch.minimum(x_min, x.min().double())

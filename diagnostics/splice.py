@@ -35,6 +35,7 @@ class Recon:
         self.sum_x: Tensor | None = None
         self.l0 = 0.0
         self.fvu_tok = 0.0
+        self.fired: Tensor | None = None  # [d_sae] firings per feature (a fresh density)
 
     def add(self, x: Tensor, recon: Tensor, feats: Tensor) -> None:
         x, recon = x.double(), recon.double()
@@ -45,7 +46,9 @@ class Recon:
         self.sq_norm += x.pow(2).sum().item()
         s = x.sum(0).cpu()
         self.sum_x = s if self.sum_x is None else self.sum_x + s
-        self.l0 += (feats > 0).sum().item()
+        fired = (feats > 0).sum(0).cpu()
+        self.fired = fired if self.fired is None else self.fired + fired
+        self.l0 += fired.sum().item()
         # A token exactly at the batch mean has no variance to explain; count it as fully explained
         # when the reconstruction is exact too, else drop it (as SAELens' ratio would be inf).
         self.fvu_tok += torch.where(var_b > 0, err / var_b.clamp_min(1e-30), 0.0).sum().item()
@@ -55,6 +58,7 @@ class Recon:
             raise SaekitError("no non-BOS tokens to evaluate; pass more --tokens")
         total_var = self.sq_norm - self.sum_x.pow(2).sum().item() / self.n
         return {
+            "fired": self.fired,  # a tensor: evaluate() takes it out before writing eval.json
             "l0": self.l0 / self.n,
             "mse": self.sq_err / self.n,
             "fvu_pooled": self.sq_err / total_var if total_var > 0 else float("nan"),

@@ -12,7 +12,10 @@
   matmul, then only the active entries (sae/sparse_step.py): decoder, dL/df, weight gradients.
 - topk activation: the dense encoder matmul and the top-k selection, then only the B*k kept
   latents (and the AuxK ones), as the sparse relu step.
-- any other arch: `autograd_step`, the definition differentiated by autograd.
+- jumprelu with the L0 penalty: the dense relu step's matmuls, plus one pass for the threshold's
+  straight-through estimator (float32 matmuls only; with a lower matmul dtype, autograd).
+- any other arch (batchtopk, matryoshka, gated): `autograd_step`, the definition differentiated
+  by autograd.
 With `matmul_dtype` (bfloat16) the dense matmuls run in that dtype from copies of the weights,
 autocast-style; the parameters, their gradients, the loss and the sparse products stay in the
 parameters' dtype, the firing counts are integers. Why each trick pays: docs/benchmarks.md.
@@ -46,6 +49,7 @@ class StepOutput(NamedTuple):
     sparsity: Tensor
     aux: Tensor
     fired: Tensor  # [d_sae] int64: on how many rows of the batch each feature was > 0
+    min_kept: Tensor | None = None  # batchtopk: the smallest activation the batch kept (inf: none)
 
 
 def autograd_step(
@@ -69,7 +73,15 @@ def autograd_step(
     for p, g in zip(params, grads, strict=True):
         p.grad = torch.zeros_like(p) if g is None else g.to(p.dtype)
     d = [t.detach().to(sae.W_enc.dtype) for t in (loss, out.mse, out.sparsity, out.aux)]
-    return StepOutput(*d, sae.fired(out))
+    return StepOutput(*d, sae.fired(out), min_kept(sae, out.acts.detach().to(sae.W_enc.dtype)))
+
+
+def min_kept(sae: SAE, acts: Tensor) -> Tensor | None:
+    """The smallest activation > 0 in acts (inf if none) for archs that estimate a threshold
+    from it (batchtopk), else None; a device tensor, no host sync."""
+    if sae.arch.threshold != "estimated":
+        return None
+    return torch.where(acts > 0, acts, math.inf).amin()
 
 
 def has_fast_step(arch: Arch) -> bool:
@@ -78,6 +90,8 @@ def has_fast_step(arch: Arch) -> bool:
         return arch.penalty in ("l1", "l1_dec_norm") and arch.aux_loss == "none"
     if arch.activation == "topk":
         return arch.penalty == "none" and arch.subtract_b_dec
+    if arch.activation == "jumprelu":
+        return arch.penalty == "l0" and arch.aux_loss == "none"
     return False
 
 
@@ -107,6 +121,11 @@ class FastStep:
             self._step = lambda x, l1, dead: autograd_step(sae, x, l1, dead, self.mm_dtype)
         elif sae.arch.activation == "topk":
             self._step = self._topk_step
+        elif sae.arch.activation == "jumprelu" and self.mm_dtype != sae.W_enc.dtype:
+            # its hand-written step has no lower-precision matmuls: autocast autograd instead
+            self._step = lambda x, l1, dead: autograd_step(sae, x, l1, dead, self.mm_dtype)
+        elif sae.arch.activation == "jumprelu":
+            self._step = self._jumprelu_step
         else:
             self._step = self._relu_step
 
@@ -273,6 +292,44 @@ class FastStep:
         loss = (mse + l1_coef * sparsity).to(W_enc.dtype)
         return StepOutput(loss, mse.to(W_enc.dtype), sparsity.to(W_enc.dtype), x.new_zeros(()),
                           t.per_latent)  # fmt: skip
+
+    def _jumprelu_step(self, x: Tensor, l1_coef: float, dead_mask: Tensor | None) -> StepOutput:
+        """JumpReLU with the L0 penalty: the relu step's five matmuls into reused buffers, plus
+        one pass for the straight-through estimators' kernel K, which feeds only the threshold:
+        dL/dθ_i = -(1/ε) Σ_b K((pre_bi - θ_i)/ε) (θ_i dL/df_bi + λ/B). Assumes θ >= 0, which
+        training keeps (SAE.clamp_threshold): then pre > θ is the L0's step and the mask."""
+        sae = self.sae
+        B, m = x.shape[0], sae.cfg.d_sae
+        W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
+        theta, eps, sub = sae.threshold, sae.arch.bandwidth, sae.arch.subtract_b_dec
+        ones = self._buf("ones", (B,), fill=1.0)
+        x_in = torch.sub(x, b_dec, out=self._buf("x_in", tuple(x.shape))) if sub else x
+        pre = torch.addmm(b_enc, x_in, W_enc, out=self._buf("pre", (B, m)))
+        zero = x.new_zeros(())
+        f = torch.where(pre > theta.clamp_min(0), pre, zero, out=self._buf("f", (B, m)))
+        mask = torch.sign(f, out=self._buf("mask", (B, m)))  # f >= 0: 1 where it fired
+        if f.dtype == torch.bfloat16:  # 8-bit mantissa: counts above 256 would round
+            fired = (f > 0).sum(0)
+        else:
+            fired = torch.mv(mask.t(), ones).long()
+        err = torch.addmm(b_dec, f, W_dec, out=self._buf("err", tuple(x.shape))).sub_(x)
+        mse = torch.dot(err.view(-1), err.view(-1)) / B
+        sparsity = fired.sum().to(mse.dtype) / B
+        g = err.mul_(2 / B)  # dL/drecon
+        torch.mm(f.t(), g, out=W_dec.grad)
+        g_f = torch.mm(g, W_dec.t(), out=f)  # dL/df, in f's buffer (f is no longer needed)
+        # K in pre's buffer (pre is no longer needed): 1 where |pre - θ| < ε/2
+        near = pre.sub_(theta).div_(eps).abs_().lt_(0.5)
+        n_near = torch.mv(near.t(), ones)
+        theta.grad.copy_(torch.mv(near.mul_(g_f).t(), ones))  # Σ_b K dL/df
+        theta.grad.mul_(theta).add_(n_near, alpha=l1_coef / B).mul_(-1 / eps)
+        g_pre = g_f.mul_(mask)  # dL/dpre: the mask's (no estimator to the input)
+        torch.mm(x_in.t(), g_pre, out=W_enc.grad)
+        torch.mv(g_pre.t(), ones, out=b_enc.grad)
+        torch.sum(g, 0, out=b_dec.grad)
+        if sub:  # pre = (x - b_dec) @ W_enc + b_enc
+            b_dec.grad.addmv_(W_enc, b_enc.grad, alpha=-1)
+        return StepOutput(mse + l1_coef * sparsity, mse, sparsity, zero, fired)
 
     def _aux_select(self, pre: Tensor, dead_mask: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
         """AuxK: the top k_aux pre-activations among dead latents (relu'd values in the sparse

@@ -1,9 +1,12 @@
 """Files: atomic writes, verified reads, and the run dir's SAE format (loadable by SAELens).
 
 The SAE is saved as SAELens 6 saves one: `cfg.json` (`architecture` from the arch's row in
-sae/archs.py: "standard" for the ReLU archs, "topk" for TopK) and `sae_weights.safetensors` with `W_enc` [d_in, d_sae], `b_enc`, `W_dec`
-[d_sae, d_in], `b_dec`. saekit's own fields ride in cfg.json's `metadata`, which SAELens keeps
-as free-form attributes, and are mirrored in `saekit.json`.
+sae/archs.py: standard, topk, jumprelu (batchtopk and matryoshka too, with their estimated
+threshold, as SAELens saves them) or gated) and `sae_weights.safetensors` with `W_enc`
+[d_in, d_sae], `b_enc` (gated: `b_gate`), `W_dec` [d_sae, d_in], `b_dec`, and `threshold`
+[d_sae] (jumprelu) or `r_mag`, `b_mag` [d_sae] (gated). saekit's own fields ride in cfg.json's
+`metadata`, which SAELens keeps as free-form attributes, and are mirrored in `saekit.json`.
+`load_sae` reads these and any SAELens-format dir (sae/saelens_format.py).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from .archs import ARCHS, saved_arch
+from .archs import ARCHS
 from .errors import SaekitError
 
 CFG_FILE = "cfg.json"
@@ -111,9 +114,9 @@ def load_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.T
 def save_sae(sae, run_dir: str | Path, metadata: dict, input_scale: float = 1.0) -> None:
     """Write cfg.json + sae_weights.safetensors (+ saekit.json) so that SAELens and saekit load it.
 
-    `input_scale`: the factor the inputs were multiplied by during training (relu_l1_v2's
-    normalisation to mean norm sqrt(d_in)). It is folded into the weights, so the saved SAE works
-    on raw activations: W_enc*s, W_dec/s, b_dec/s.
+    `input_scale`: the factor the inputs were multiplied by during training (relu_l1_v2's and
+    jumprelu's normalisation). It is folded into the weights, so the saved SAE works on raw
+    activations: W_enc*s, W_dec/s, b_dec/s (pre-activations, and so thresholds, are unchanged).
     """
     from .model import SAE
 
@@ -129,6 +132,11 @@ def save_sae(sae, run_dir: str | Path, metadata: dict, input_scale: float = 1.0)
             "W_dec": sae.W_dec / s,
             "b_dec": sae.b_dec / s,
         }
+        for name in sae.extra_tensors():  # threshold, r_mag, b_mag
+            tensors[name] = getattr(sae, name).detach().clone()
+    arch = sae.arch
+    if arch.activation == "gated":  # SAELens' GatedSAE has no b_enc: the gate's bias is b_gate
+        tensors["b_gate"] = tensors.pop("b_enc")
     dtype = str(sae.W_enc.dtype).removeprefix("torch.")
     meta = {
         "sae_lens_version": SAELENS_FORMAT_VERSION,
@@ -141,7 +149,8 @@ def save_sae(sae, run_dir: str | Path, metadata: dict, input_scale: float = 1.0)
         "aux_coef": cfg.aux_coef,
         "input_scale_folded": s,
     }
-    arch = sae.arch
+    if len(sae.widths) > 1:
+        meta["matryoshka_widths"] = list(sae.widths)
     sl_cfg: dict[str, Any] = {
         "architecture": arch.saelens_architecture,
         "d_in": cfg.d_in,
@@ -153,7 +162,7 @@ def save_sae(sae, run_dir: str | Path, metadata: dict, input_scale: float = 1.0)
         "reshape_activations": "none",
         "metadata": meta,
     }
-    if arch.uses_k:
+    if arch.saelens_architecture == "topk":
         sl_cfg["k"] = cfg.k
         sl_cfg["rescale_acts_by_decoder_norm"] = False
     atomic_save_safetensors(run_dir / WEIGHTS_FILE, tensors)
@@ -174,23 +183,18 @@ def _is_num(v: Any) -> bool:
     )
 
 
-# The SAELens classes saekit saves as (cfg.json's `architecture`), in the table's order.
-_SAELENS_ARCHS = tuple(dict.fromkeys(a.saelens_architecture for a in ARCHS.values()))
-
 # cfg.json fields saekit reads: (where, field, required, test, what it must be).
 _CFG_FIELDS: list[tuple[str, str, bool, Any, str]] = [
     ("", "d_in", True, lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     ("", "d_sae", True, lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    (
-        "",
-        "architecture",
-        False,
-        lambda v: v in _SAELENS_ARCHS,
-        " or ".join(map(repr, _SAELENS_ARCHS)),
-    ),
+    ("", "architecture", False, lambda v: isinstance(v, str), "a SAELens architecture name"),
     ("", "apply_b_dec_to_input", False, lambda v: isinstance(v, bool), "true or false"),
-    ("", "k", False, lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("", "k", False, lambda v: _is_num(v) and v > 0, "a number > 0"),
     ("", "dtype", False, lambda v: isinstance(v, str), "a string"),
+    ("", "normalize_activations", False, lambda v: isinstance(v, str), "a string"),
+    ("", "reshape_activations", False, lambda v: isinstance(v, str), "a string"),
+    ("", "rescale_acts_by_decoder_norm", False, lambda v: isinstance(v, bool), "true or false"),
+    ("", "finetuning_scaling_factor", False, lambda v: isinstance(v, bool), "true or false"),
     ("", "metadata", False, lambda v: v is None or isinstance(v, dict), "an object"),
     (
         "metadata.",
@@ -199,7 +203,21 @@ _CFG_FIELDS: list[tuple[str, str, bool, Any, str]] = [
         lambda v: v is None or (isinstance(v, str) and v in ARCHS),
         " | ".join(ARCHS),
     ),
-    ("metadata.", "k", False, lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1"),
+    ("metadata.", "k", False, lambda v: v is None or (_is_num(v) and v > 0), "a number > 0"),
+    (
+        "metadata.",
+        "matryoshka_widths",
+        False,
+        lambda v: (
+            v is None
+            or (
+                isinstance(v, list)
+                and all(_is_int(w) and w >= 1 for w in v)
+                and v == sorted(set(v))
+            )
+        ),
+        "increasing integers >= 1",
+    ),
     (
         "metadata.",
         "k_aux",
@@ -210,6 +228,13 @@ _CFG_FIELDS: list[tuple[str, str, bool, Any, str]] = [
     ("metadata.", "aux_coef", False, lambda v: _is_num(v) and v >= 0, "a number >= 0"),
     ("metadata.", "model_name", False, lambda v: v is None or isinstance(v, str), "a string"),
     ("metadata.", "hook_name", False, lambda v: v is None or isinstance(v, str), "a string"),
+    (
+        "metadata.",
+        "model_from_pretrained_kwargs",
+        False,
+        lambda v: v is None or isinstance(v, dict),
+        "an object",
+    ),
     ("metadata.", "site", False, lambda v: v is None or isinstance(v, str), "a string"),
     ("metadata.", "layer", False, lambda v: v is None or _is_int(v), "an integer"),
     ("metadata.", "cache_dir", False, lambda v: v is None or isinstance(v, str), "a string"),
@@ -261,52 +286,74 @@ def check_run_cfg(cfg_path: Path, sl_cfg: Any) -> None:
 
 
 def load_sae(run_dir: str | Path, device: str = "cpu") -> tuple[Any, dict]:
-    """The SAE of a run dir, in input units, and cfg.json's metadata (saekit's fields included)."""
+    """The SAE of a run dir, or of any SAELens-format dir (sae/saelens_format.py says how each
+    cfg.json field is read), in input units, and cfg.json's metadata (saekit's fields included);
+    SaekitError in one line for anything it cannot read exactly."""
     from .model import SAE, SAEConfig
+    from .saelens_format import apply_plan, read_plan, upgrade_pre6
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / CFG_FILE
     if not cfg_path.is_file():
-        raise SaekitError(f"{run_dir} has no {CFG_FILE}; pass a run dir written by `saekit train`")
+        raise SaekitError(f"{run_dir} has no {CFG_FILE}; {_not_a_run(run_dir)}")
     try:
         sl_cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SaekitError(f"{cfg_path} is not valid JSON ({e}); re-run training") from None
-    tensors = load_safetensors(run_dir / WEIGHTS_FILE, device=device)
-    missing = {"W_enc", "b_enc", "W_dec", "b_dec"} - set(tensors)
-    if missing:
-        raise SaekitError(f"{run_dir / WEIGHTS_FILE} lacks {sorted(missing)}; re-run training")
+    weights_path = run_dir / WEIGHTS_FILE
+    if not weights_path.is_file() and (run_dir / "sae.safetensors").is_file():
+        raise SaekitError(
+            f"{run_dir} is a sparsify SAE (sae.safetensors), which saekit does not read; convert it with SAELens' sparsify_disk_loader and save it with save_model"
+        )
+    tensors = load_safetensors(weights_path, device=device)
+    sl_cfg = upgrade_pre6(sl_cfg)
     check_run_cfg(cfg_path, sl_cfg)
-    meta = dict(sl_cfg.get("metadata") or {})
-    apply_b_dec = sl_cfg.get("apply_b_dec_to_input", True)
-    arch = saved_arch(meta.get("arch"), sl_cfg.get("architecture"), apply_b_dec)
-    if tensors["W_enc"].ndim != 2:
-        raise SaekitError(f"{run_dir / WEIGHTS_FILE}: W_enc is not a matrix; re-run training")
-    d_in, d_sae = tensors["W_enc"].shape
-    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    for name, shape in shapes.items():
-        if tuple(tensors[name].shape) != shape:
+    plan = read_plan(cfg_path, sl_cfg, set(tensors))
+    weights = apply_plan(plan, tensors, weights_path)
+    if weights["W_enc"].ndim != 2:
+        raise SaekitError(f"{weights_path}: W_enc is not a matrix; re-run training")
+    d_in, d_sae = weights["W_enc"].shape
+    for name, t in weights.items():
+        shape = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}.get(
+            name, (d_sae,)
+        )
+        if tuple(t.shape) != shape:
             raise SaekitError(
-                f"{run_dir / WEIGHTS_FILE}: {name} has shape {tuple(tensors[name].shape)}, not {shape}; re-run training"
+                f"{weights_path}: {plan.names[name]} has shape {tuple(t.shape)}, not {shape}; re-run training"
             )
     if (sl_cfg["d_in"], sl_cfg["d_sae"]) != (d_in, d_sae):
         raise SaekitError(
             f"{cfg_path} says d_in {sl_cfg['d_in']}, d_sae {sl_cfg['d_sae']} but {WEIGHTS_FILE} holds W_enc {(d_in, d_sae)}; they are from different runs: re-run training"
         )
+    meta = plan.meta
+    widths = meta.get("matryoshka_widths")
+    if widths is not None and widths[-1] != d_sae:
+        raise SaekitError(
+            f"{cfg_path}: field metadata.matryoshka_widths must end at d_sae {d_sae}, not {widths[-1]}; fix it or re-run training"
+        )
     cfg = SAEConfig(
-        arch=arch,
+        arch=plan.arch.name,
         d_in=d_in,
         d_sae=d_sae,
-        k=int(sl_cfg.get("k") or meta.get("k") or 32),
+        k=plan.k,
         k_aux=meta.get("k_aux"),
         aux_coef=float(meta.get("aux_coef", 1 / 32)),
+        widths=widths,
     )
-    if ARCHS[arch].uses_k and not cfg.k <= d_sae:
+    if plan.arch.activation == "topk" and not cfg.k <= d_sae:
         raise SaekitError(
             f"{cfg_path}: field k is {cfg.k}, more than the SAE's {d_sae} features; fix it or re-run training"
         )
-    sae = SAE(cfg, device=device, dtype=tensors["W_enc"].dtype)
+    sae = SAE(cfg, device=device, dtype=weights["W_enc"].dtype, arch=plan.arch)
+    sae.normalize = plan.normalize  # type: ignore[assignment]
     with torch.no_grad():
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            getattr(sae, name).copy_(tensors[name])
+        for name, t in weights.items():
+            getattr(sae, name).copy_(t)
     return sae, meta
+
+
+def _not_a_run(path: Path) -> str:
+    """What to do with a dir that is not an SAE dir saekit reads."""
+    if (path / "ae.pt").is_file():
+        return "it is a dictionary_learning SAE (ae.pt, a pickle), which saekit never loads; convert it to SAELens' format (safetensors) first"
+    return "pass a run dir written by `saekit train` or a SAELens SAE dir"

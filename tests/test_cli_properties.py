@@ -38,6 +38,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from saekit.sae.archs import ARCHS
 from saekit.scripts import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,6 +254,8 @@ CACHE_BAD = table(
     ("split", JUNK.map(lambda s: "nosplit" + s)),
     ("dataset", JUNK.map(lambda s: f"/nonexistent/{s}.txt")),
     ("seed", NOT_INT),
+    ("model", JUNK.map(lambda s: "nomodel" + s)),
+    ("hook", JUNK.map(lambda s: "blocks.0.nohook" + s)),
 )  # fmt: skip
 
 
@@ -346,7 +349,8 @@ TRAIN_BAD = table(
     ("density-window", nonpos()),
     ("dead-threshold", st.one_of(NAN_INF, st.floats(max_value=-1e-12), st.floats(1e-6, 1.0))),
     ("ultra-rare-threshold", st.one_of(NAN_INF, st.floats(max_value=0.0), st.floats(1.0001, 1e6))),
-    ("arch", st.one_of(st.sampled_from(["relu", "TopK", "gated", "jumprelu"]), JUNK)),
+    ("arch", st.one_of(st.sampled_from(["relu", "TopK", "gatd", "JumpReLU", "batch_topk", "matryoshka_batchtopk"]), JUNK)),
+    ("widths", st.one_of(nonpos(), NOT_INT, st.integers(33, 10**6))),
     ("resample", st.one_of(st.sampled_from(["openai", "yes", "Anthropic"]), JUNK)),
     ("dtype", st.sampled_from(["float16", "int8", "fp32", "half"])),
     ("device", st.one_of(st.sampled_from(["cuda", "cuda:1", "meta", "tpu", "cpu:x"]), JUNK.map(lambda s: "dev" + s))),
@@ -354,7 +358,8 @@ TRAIN_BAD = table(
 )  # fmt: skip
 
 
-TRAIN_ARCHS = [[], ["--arch=relu_l1", "--resample=anthropic"], ["--arch=topk"]]
+TRAIN_ARCHS = [[], ["--arch=relu_l1", "--resample=anthropic"], ["--arch=topk"], ["--arch=batchtopk"],
+               ["--arch=jumprelu"], ["--arch=gated"], ["--arch=matryoshka"]]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(TRAIN_BAD))
@@ -394,6 +399,8 @@ def test_train_bad_flags_together_are_refused(world, bad, kind, arch):
     ["topk-k-zero", "topk-k-too-big", "topk-k-aux-too-big", "holdout-without-resampling",
      "below-without-resampling",
      "steps-without-resampling", "resample-at-end", "resume+overwrite", "resume-fresh-out",
+     "batchtopk-k-too-big", "widths-not-increasing", "widths-not-ending-at-features",
+     "widths-without-matryoshka",
      "resume-finished", "out-is-file", "out-foreign", "cache-missing", "cache-is-file",
      "cache-is-empty-dir", "cache-is-a-run", "thresholds-swapped", "missing-cache",
      "missing-out", "wandb-fails", "unknown-flag"],
@@ -408,6 +415,10 @@ def test_train_bad_combinations_are_refused(world, case):
             "topk-k-zero": [*base, "--arch=topk", "--k=0"],
             "topk-k-too-big": [*base, "--arch=topk", "--k=33"],
             "topk-k-aux-too-big": [*base, "--arch=topk", "--k-aux=1000"],
+            "batchtopk-k-too-big": [*base, "--arch=batchtopk", "--k=33"],
+            "widths-not-increasing": [*base, "--arch=matryoshka", "--widths", "8", "4", "32"],
+            "widths-not-ending-at-features": [*base, "--arch=matryoshka", "--widths", "4", "16"],
+            "widths-without-matryoshka": [*base, "--arch=batchtopk", "--widths", "4", "32"],
             "holdout-without-resampling": [*base, "--resample=none", "--resample-holdout=0.5"],
             "below-without-resampling": [*base, "--resample=none", "--resample-below=1e-4"],
             "steps-without-resampling": [*base, "--arch=topk", "--resample-steps", "2", "4"],
@@ -462,6 +473,9 @@ EVAL_BAD = table(
     ("dataset", JUNK.map(lambda s: f"/nonexistent/{s}.jsonl")),
     ("split", JUNK.map(lambda s: "nosplit" + s)),
     ("ablate", st.one_of(st.sampled_from(["nope", "dead,,live", ",", "Dead"]), JUNK.map(lambda s: "/nonexistent/" + s))),
+    ("model", JUNK.map(lambda s: "nomodel" + s)),
+    ("hook", JUNK.map(lambda s: "blocks.0.nohook" + s)),
+    ("context-size", st.one_of(st.integers(-(10**6), 1), NOT_INT)),
 )  # fmt: skip
 
 
@@ -516,6 +530,8 @@ DIAG_BAD = table(
     ("features", st.one_of(st.integers(32, 10**9), negative())),
     ("device", st.one_of(st.sampled_from(["cuda", "meta", "tpu"]), JUNK.map(lambda s: "dev" + s))),
     ("seed", NOT_INT),
+    ("model", JUNK.map(lambda s: "nomodel" + s)),
+    ("hook", JUNK.map(lambda s: "blocks.0.nohook" + s)),
 )  # fmt: skip
 
 
@@ -972,7 +988,7 @@ def test_any_cfg_json_edit_loads_or_is_refused_in_one_line(world, edits):
             assert "\n" not in str(e) and "cfg.json" in str(e), str(e)
         else:
             assert tuple(sae.W_enc.shape) == (cfg["d_in"], cfg["d_sae"])
-            assert sae.cfg.arch in ("relu_l1", "relu_l1_v2", "topk")
+            assert sae.cfg.arch in ARCHS
 
 
 # ---------------------------------------------------------------------------------------------

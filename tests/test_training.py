@@ -130,13 +130,19 @@ def _run_cli(args: list[str], **kw) -> subprocess.Popen:
     )  # fmt: skip
 
 
+# relu_l1 (resampling, control group), and one arch per new kind of training state: jumprelu
+# (trained thresholds, Adam with beta1 = 0, input scaling) and matryoshka (BatchTopK's estimated
+# threshold, a buffer outside Adam; nested losses; AuxK).
 @pytest.mark.slow
-@pytest.mark.parametrize("matmul_dtype", [None, "bfloat16"])
-def test_kill_and_resume_is_bitwise_identical(cache, tmp_path, matmul_dtype):
+@pytest.mark.parametrize(
+    "arch, matmul_dtype",
+    [("relu_l1", None), ("relu_l1", "bfloat16"), ("jumprelu", None), ("matryoshka", None)],
+)
+def test_kill_and_resume_is_bitwise_identical(cache, tmp_path, arch, matmul_dtype):
     """Also with bfloat16 matmuls, where the step turns sparse once L0 falls (the choice made
     from the density history, so the resumed run makes the same one)."""
-    args = ["--cache", str(cache), "--features", "1024", "--steps", "160", "--batch-size", "512",
-            "--checkpoint-every", "20", "--log-every", "20", "--resample", "anthropic",
+    args = ["--cache", str(cache), "--arch", arch, "--features", "1024", "--steps", "160",
+            "--batch-size", "512", "--checkpoint-every", "20", "--log-every", "20", "--resample", "anthropic",
             "--resample-steps", "40", "100", "--dead-window", "20", "--resample-holdout", "0.5",
             "--resample-inputs", "20000", "--density-window", "5120"]  # fmt: skip
     if matmul_dtype:  # and a stronger L1 than the default 3 (x mean norm / sqrt(d_in)): L0 < 41
@@ -353,6 +359,70 @@ def test_mechanisms_file_tracks_every_window(cache, tmp_path):
     assert (m["margin"] > 0).float().mean() > 0.1
     run2 = train(_cfg(cache, tmp_path / "off", steps=5, mechanisms=False))
     assert not (run2 / "mechanisms.safetensors").exists()
+
+
+def _wandb_history(run_dir: Path) -> list[dict]:
+    """The history rows of an offline wandb run, read from its .wandb file (a leveldb-style log
+    of protobuf records: 7-byte file header, then records with a 7-byte header in 32 KiB
+    blocks)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data, pos, block = path.read_bytes(), 7, 32768
+    payloads, buf = [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        buf += data[pos + 7 : pos + 7 + n]
+        pos += 7 + n
+        if kind in (1, 4):  # a full record, or the last piece of one
+            payloads.append(buf)
+            buf = b""
+    rows = []
+    for p in payloads:
+        rec = pb.Record()
+        rec.ParseFromString(p)
+        if rec.HasField("history"):
+            rows.append(
+                {
+                    i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                    for i in rec.history.item
+                }
+            )
+    return rows
+
+
+def test_density_windows_go_to_wandb(cache, tmp_path, monkeypatch):
+    """With --wandb-project (offline), every density window logs the features per band and the
+    log10-density histogram at its end step; the bands add up to d_sae and match the history."""
+    pytest.importorskip("wandb")
+    from saekit.training.density import BANDS, LOG10_EDGES
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = train(_cfg(cache, tmp_path / "run", steps=20, log_every=5, checkpoint_every=0,
+                     density_window=4 * 512, wandb_project="saekit-test", features=256))  # fmt: skip
+    import wandb
+
+    wandb.teardown()  # the wandb service writes the run file in the background: let it finish
+    rows = [r for r in _wandb_history(run) if "density/dead" in r]
+    h = load_file(str(run / "density_history.safetensors"))
+    assert [r["_step"] for r in rows] == h["window_end_step"].tolist() == [4, 8, 12, 16, 20]
+    for r, counts, tokens in zip(rows, h["counts"], h["window_tokens"], strict=True):
+        bands = [r[f"density/{b}"] for b in BANDS]
+        assert sum(bands) == 256 and r["density/window_tokens"] == int(tokens)
+        assert r["density/dead"] == int((counts == 0).sum())
+        dens = counts.double() / int(tokens)
+        assert r["density/1e-4_to_1e-2"] == int(((dens >= 1e-4) & (dens < 1e-2)).sum())
+        assert r["density/log10_histogram/_type"] == "histogram"
+        assert r["density/log10_histogram/bins"] == pytest.approx(LOG10_EDGES.tolist())
+        assert sum(r["density/log10_histogram/values"]) == 256 - r["density/dead"]
+    metrics = [r for r in _wandb_history(run) if "loss" in r]
+    assert [r["_step"] for r in metrics] == [5, 10, 15, 20]
 
 
 def test_step_turns_sparse_from_the_window_after_l0_falls(cache, tmp_path):

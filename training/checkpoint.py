@@ -30,7 +30,7 @@ from .config import TrainConfig
 # Fields that must not change when resuming (the others only affect logging and I/O).
 RESUME_FIELDS = (
     "arch", "features", "expansion", "steps", "batch_size", "lr", "l1_coef", "k", "k_aux",
-    "aux_coef", "resample", "resample_steps", "dead_window", "resample_inputs",
+    "aux_coef", "widths", "resample", "resample_steps", "dead_window", "resample_inputs",
     "resample_holdout", "resample_below", "density_window", "seed", "dtype", "matmul_dtype",
     "include_bos", "model_batch_size", "buffer_tokens",
 )  # fmt: skip
@@ -121,7 +121,7 @@ def read_checkpoint(
     meta = _verified_record(json_path, cfg, source, out)
     st_path = json_path.with_suffix(".safetensors")
     t = load_safetensors(st_path)
-    names = [n for n, _ in sae.named_parameters()]
+    names = [n for n, _ in sae.named_parameters()] + [n for n, _ in sae.named_buffers()]
     want = [f"sae.{n}" for n in names] + ["rng.torch", "density.window", "history.counts"]
     lacking = [k for k in want if k not in t]
     if lacking:

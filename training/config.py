@@ -12,6 +12,9 @@ from ..sae.archs import ARCHS, Arch, ArchName
 from ..sae.errors import SaekitError
 
 GEOMEDIAN_ROWS = 16384
+# Per-feature tensors each activation adds to W_enc, b_enc, W_dec (sae/model.py).
+SAE_EXTRA = {"relu": (), "topk": (), "batchtopk": ("threshold",), "jumprelu": ("threshold",),
+             "gated": ("r_mag", "b_mag")}  # fmt: skip
 
 
 @dataclass
@@ -49,7 +52,7 @@ class TrainConfig:
     buffer_tokens: int = 65_536
     """With a live --model: rows shuffled together (one chunk of contexts); memory holds two chunks of float32 rows."""
     arch: ArchName = "relu_l1"
-    """relu_l1 (Anthropic 2023), relu_l1_v2 (Anthropic April 2024) or topk (Gao et al. 2024)."""
+    """relu_l1 (Anthropic 2023), relu_l1_v2 (Anthropic April 2024), topk (Gao et al. 2024), batchtopk (Bussmann et al. 2024), jumprelu (Rajamanoharan et al. 2024), gated (Rajamanoharan et al. 2024) or matryoshka (Bussmann et al. 2025, over BatchTopK); defaults per arch in sae/archs.py."""
     features: int | None = None
     """Number of features (d_sae); None: expansion * d_in."""
     expansion: int | None = None
@@ -61,21 +64,23 @@ class TrainConfig:
     batch_size: int = 4096
     """Activations per step."""
     lr: float | None = None
-    """Adam learning rate; None: 1e-3 (relu_l1, topk), 5e-4 (relu_l1_v2)."""
+    """Adam learning rate; None: the arch's (5e-4 for relu_l1_v2, 1e-3 for the others)."""
     l1_coef: float | None = None
-    """Sparsity coefficient lambda; None: 3 (relu_l1) or 5 (relu_l1_v2) times mean_norm/sqrt(d_in), i.e. the value for inputs of mean norm sqrt(d_in)."""
+    """Sparsity coefficient lambda (jumprelu: of the L0 penalty); None: the arch's, for inputs of mean norm sqrt(d_in) (relu_l1 3, gated 3, both times mean_norm/sqrt(d_in)), or of its normalised inputs (relu_l1_v2 5, jumprelu 1e-3)."""
     lr_decay: float | None = None
     """Fraction of training at the end over which the lr decays linearly to 0; None: 0.2 for relu_l1_v2 (Anthropic, April 2024), 0 otherwise."""
     l1_warmup: float | None = None
-    """Fraction of training at the start over which lambda rises linearly from 0; None: 0.05 for relu_l1_v2, 0 otherwise."""
+    """Fraction of training at the start over which lambda rises linearly from 0; None: 0.05 for relu_l1_v2 and jumprelu, 0 otherwise."""
     k: int = 32
-    """topk: latents kept per input."""
+    """topk: latents kept per input; batchtopk, matryoshka: per input on average over the batch."""
     k_aux: int | None = None
-    """topk: dead latents in the AuxK loss; None: d_in // 2."""
+    """topk, batchtopk, matryoshka: dead latents in the AuxK loss; None: d_in // 2."""
     aux_coef: float = 1 / 32
-    """topk: weight of the AuxK loss."""
+    """topk, batchtopk, matryoshka: weight of the AuxK loss."""
+    widths: list[int] | None = None
+    """matryoshka: the nested dictionary widths, increasing to the number of features; None: features/16, /8, /4, /2 and all (Bussmann et al. 2025)."""
     resample: Literal["auto", "anthropic", "none"] = "auto"
-    """Dead-feature resampling: anthropic (Towards Monosemanticity), none, or auto (anthropic for relu_l1, none otherwise)."""
+    """Dead-feature resampling: anthropic (Towards Monosemanticity), none, or auto (anthropic for relu_l1 and gated, none otherwise)."""
     resample_steps: list[int] | None = None
     """Steps at which to resample; None: at 25%, 50% and 75% of training (Anthropic: 25k/50k/75k of 100k)."""
     dead_window: int | None = None
@@ -148,7 +153,7 @@ class TrainConfig:
             l1_coef = 0.0
         elif self.l1_coef is not None:
             l1_coef = self.l1_coef
-        elif arch.input_norm:  # trains on inputs rescaled to mean norm sqrt(d_in)
+        elif arch.input_norm != "none":  # trains on inputs of a fixed mean norm
             l1_coef = arch.default_l1
         else:
             l1_coef = arch.default_l1 * mean_norm / math.sqrt(d_in)
@@ -167,7 +172,7 @@ class TrainConfig:
             else max(1, self.steps // 8),
             resample_inputs=min(self.resample_inputs, n_rows or self.resample_inputs),
             steps_per_window=steps_per_window,
-            input_scale=math.sqrt(d_in) / mean_norm if arch.input_norm else 1.0,
+            input_scale=input_scale(arch, d_in, mean_norm),
             n_rows=n_rows,
         )
 
@@ -230,6 +235,18 @@ class TrainConfig:
                 (
                     1 <= self.k <= d_sae,
                     f"--k must be between 1 and the number of features {d_sae} (got {self.k})",
+                )
+            )
+        if self.widths is not None:
+            w = self.widths
+            checks.append(
+                (
+                    bool(arch.prefixes)
+                    and all(1 <= a < b for a, b in zip(w, w[1:], strict=False))
+                    and len(w) > 0
+                    and w[0] >= 1
+                    and w[-1] == d_sae,
+                    f"--widths {' '.join(map(str, w))} must increase from >= 1 to the number of features {d_sae} (matryoshka only)",
                 )
             )
         if arch.aux_loss == "auxk":
@@ -330,20 +347,45 @@ class ResolvedConfig:
     l1_warmup: float = 0.0
 
 
+def input_scale(arch: Arch, d_in: int, mean_norm: float) -> float:
+    """The constant the arch's input normalisation multiplies inputs by (1: none)."""
+    if arch.input_norm == "sqrt_d_in":
+        return math.sqrt(d_in) / mean_norm
+    return 1.0 / mean_norm if arch.input_norm == "unit" else 1.0
+
+
+# [B, d_sae]-sized tensors alive at once in an autograd step (forward saved for backward, the
+# backward's gradients), per activation: the peak RSS of a step over the parameters' measured
+# at batch 4096, 8192 features (relu 4.1, topk 4.9, batchtopk 6.8 (matryoshka 7.6), jumprelu
+# 7.0, gated 9.0), rounded up.
+AUTOGRAD_DENSE = {"relu": 5, "topk": 6, "batchtopk": 9, "jumprelu": 8, "gated": 10}
+
+
 def train_bytes(cfg: TrainConfig, res: ResolvedConfig, world_size: int = 1) -> int:
     """Rough peak memory of training on one rank, as docs/scaling.md counts it: parameters,
-    gradients, Adam's moments, the per-step work buffers, density tracking, the batch and the
-    resampling inputs."""
+    gradients, Adam's moments, the per-step work buffers (the hand-written step's, or autograd's
+    dense tensors for archs without one), density tracking, the batch and the resampling
+    inputs."""
+    from ..sae.fast_step import has_fast_step
+
+    arch = ARCHS[cfg.arch]
     item = 2 if cfg.dtype == "bfloat16" else 8 if cfg.dtype == "float64" else 4
     mm = 2 if cfg.matmul_dtype == "bfloat16" else item
     d, batch = res.d_in, max(1, cfg.batch_size // max(1, world_size))
     windows = math.ceil(cfg.steps / res.steps_per_window)
-    # [B, d_sae] buffers in the matmul dtype, the sparse steps' [d_sae, d_in] one, and the
-    # matmul-dtype copies of W_enc and W_dec
-    work = mm * (batch if ARCHS[cfg.arch].activation == "topk" else 2 * batch) + 4 * d
-    if mm != item:
-        work += mm * 2 * d
-    per_feature = item * 4 * (2 * d + 1) + work + 8 * (2 + windows)
+    if not has_fast_step(arch) or (arch.activation == "jumprelu" and mm != item):
+        work = item * AUTOGRAD_DENSE[arch.activation] * batch  # autograd's dense tensors
+    elif arch.activation == "jumprelu":
+        work = item * 3 * batch  # pre, f and the firing mask (FastStep._jumprelu_step)
+    else:
+        # [B, d_sae] buffers in the matmul dtype, the sparse steps' [d_sae, d_in] one, and the
+        # matmul-dtype copies of W_enc and W_dec
+        work = mm * (batch if arch.activation == "topk" else 2 * batch) + 4 * d
+        if mm != item:
+            work += mm * 2 * d
+    # per-feature vectors besides b_enc (threshold, r_mag, b_mag): weight, grad, 2 moments
+    extra = item * 4 * len(SAE_EXTRA[arch.activation])
+    per_feature = item * 4 * (2 * d + 1) + extra + work + 8 * (2 + windows)
     fixed = 4 * batch * d * item + (
         res.resample_inputs * d * 4 if res.resample == "anthropic" else 0
     )

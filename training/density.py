@@ -4,12 +4,35 @@ kept per window of whole batches, with the resampling events and the held-out co
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..sae.io import atomic_save_safetensors
+
+# Firing-density bands logged each window (--wandb-project): [low, high) per band.
+BANDS = {"dead": (0.0, 0.0), "below_1e-6": (0.0, 1e-6), "1e-6_to_1e-4": (1e-6, 1e-4),
+         "1e-4_to_1e-2": (1e-4, 1e-2), "above_1e-2": (1e-2, math.inf)}  # fmt: skip
+LOG10_EDGES = torch.arange(-10.0, 0.01, 0.25)  # the histogram's bins, the same every window
+
+
+def window_summary(counts: Tensor, tokens: int) -> dict[str, object]:
+    """One density window as it goes to wandb: how many features fall in each band (dead: no
+    firing) and the histogram (values, bin edges) of log10 density of the features that fired."""
+    dens = counts.double().cpu() / max(tokens, 1)
+    out: dict[str, object] = {"dead": int((dens == 0).sum())}
+    for name, (lo, hi) in list(BANDS.items())[1:]:
+        out[name] = int(((dens > 0) & (dens >= lo) & (dens < hi)).sum())
+    log10 = dens[dens > 0].log10().clamp(-10, 0).float()
+    values = (
+        torch.histogram(log10, bins=LOG10_EDGES).hist
+        if len(log10)
+        else torch.zeros(len(LOG10_EDGES) - 1)
+    )
+    out["hist"] = (values.long().numpy(), LOG10_EDGES.numpy())
+    return out
 
 
 class DensityTracker:

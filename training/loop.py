@@ -24,7 +24,7 @@ from ..sae.io import atomic_save_safetensors, save_sae
 from ..sae.model import SAE, SAEConfig, geometric_median
 from .checkpoint import cfg_dict, drop_after, read_checkpoint, write_checkpoint
 from .config import GEOMEDIAN_ROWS, ResolvedConfig, TrainConfig
-from .density import DensityTracker
+from .density import DensityTracker, window_summary
 from .distributed import ReducedDensityTracker, World, average_grads, local_slices
 from .mechanisms import FILE as MECHANISMS_FILE
 from .mechanisms import MechanismTracker
@@ -66,7 +66,9 @@ class Trainer:
         self.world = world or World()
         self.device = torch.device(cfg.device)
         self.dtype = DTYPES[cfg.dtype]
-        sae_cfg = SAEConfig(cfg.arch, res.d_in, res.d_sae, cfg.k, res.k_aux, cfg.aux_coef)
+        sae_cfg = SAEConfig(
+            cfg.arch, res.d_in, res.d_sae, cfg.k, res.k_aux, cfg.aux_coef, widths=cfg.widths
+        )
         self.sae = SAE(sae_cfg, device=self.device, dtype=self.dtype, seed=cfg.seed)
         self.arch = self.sae.arch
         # loss and gradients of one batch: (x, l1_coef, dead_mask) -> StepOutput
@@ -75,10 +77,11 @@ class Trainer:
         self.forward_backward = self.fast_step
         self._hint_windows = 0  # density windows seen when fast_step.l0_hint was last set
         params = list(self.sae.parameters())
+        betas = self.arch.adam_betas
         try:
-            self.opt = torch.optim.Adam(params, lr=res.lr, fused=True)
+            self.opt = torch.optim.Adam(params, lr=res.lr, betas=betas, fused=True)
         except (RuntimeError, TypeError):  # fused Adam is not built for every device/dtype
-            self.opt = torch.optim.Adam(params, lr=res.lr, foreach=True)
+            self.opt = torch.optim.Adam(params, lr=res.lr, betas=betas, foreach=True)
         tracker = ReducedDensityTracker if self.world.size > 1 else DensityTracker
         self.density = tracker(res.d_sae, cfg.batch_size, res.steps_per_window, self.device)
         self.mechanisms = (
@@ -119,6 +122,7 @@ class Trainer:
             return
         names = dict(self.sae.named_parameters())
         tensors = {f"sae.{n}": p.detach() for n, p in names.items()}
+        tensors.update({f"sae.{n}": b for n, b in self.sae.named_buffers()})
         for n, p in names.items():
             for key, v in self.opt.state.get(p, {}).items():
                 tensors[f"adam.{n}.{key}"] = v
@@ -151,6 +155,8 @@ class Trainer:
                 }
                 if state:
                     self.opt.state[p] = state
+            for n, b in self.sae.named_buffers():
+                b.copy_(t[f"sae.{n}"])
         self.density.load_state(t)
         if self.mechanisms is not None:
             self.mechanisms.load_state(t, self.device)
@@ -213,6 +219,19 @@ class Trainer:
         pbar.set_postfix(loss=f"{loss_v:.4g}", l0=f"{m['l0']:.1f}", dead=m["dead"], refresh=False)
         return m
 
+    def log_window(self) -> None:
+        """The window that just closed to wandb: features per density band and the histogram
+        of log10 density (training/density.py's window_summary), at its end step."""
+        import wandb
+
+        d = self.density
+        w = window_summary(d.counts[-1], d.window_tokens[-1])
+        values, edges = w.pop("hist")
+        row = {f"density/{k}": v for k, v in w.items()}
+        row["density/log10_histogram"] = wandb.Histogram(np_histogram=(values, edges))
+        row["density/window_tokens"] = d.window_tokens[-1]
+        self.wandb.log(row, step=d.window_end_step[-1])
+
     def _reduce_log_values(self, x, out, loss, fired):
         """The log step's loss terms, firing counts and input variance over all ranks' slices."""
         B = x.shape[0]
@@ -250,6 +269,13 @@ class Trainer:
         self.opt.step()
         if arch.unit_decoder:
             sae.normalize_decoder()
+        sae.clamp_threshold()
+        if arch.threshold == "estimated":
+            min_kept = out.min_kept
+            if self.world.size > 1:  # every rank moves the threshold the same way
+                min_kept = min_kept.clone()
+                torch.distributed.all_reduce(min_kept, op=torch.distributed.ReduceOp.MIN)
+            sae.update_threshold(min_kept)
         self.step += 1
         self.density.update(out.fired, self.step)
         self.record_mechanisms(x)
@@ -295,15 +321,21 @@ class Trainer:
             for x in batches:
                 if self.step >= S:
                     break
+                windows = len(dens.counts)
                 out = self.train_step(x)
                 loss, fired = out.loss, out.fired
                 pbar.update(1)
+                if self.wandb is not None and len(dens.counts) > windows:
+                    self.log_window()
 
                 if self.step in resample_at:
                     self.resample()
                 if self.step == S:
+                    windows = len(dens.counts)
                     dens.flush(self.step)
                     self.record_mechanisms(x * res.input_scale if res.input_scale != 1.0 else x)
+                    if self.wandb is not None and len(dens.counts) > windows:
+                        self.log_window()
                 if self.step % cfg.log_every == 0 or self.step == S:
                     self.elapsed = time.perf_counter() - t0
                     x_in = x * res.input_scale if res.input_scale != 1.0 else x

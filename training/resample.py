@@ -5,8 +5,9 @@ candidates (minus the control group). A random fraction `holdout` of them is lef
 joins the control group for good. For the rest: compute the loss on random inputs, sample one
 input per feature with probability proportional to the squared loss, set the decoder row to the
 unit-normalised input and the encoder column to the same direction times 0.2 x the mean encoder
-norm of the live features, zero the encoder bias, and zero Adam's moments for exactly those
-rows and columns.
+norm of the live features, zero the encoder bias, set the arch's other per-feature parameters
+(jumprelu's threshold, gated's r_mag and b_mag) to their initial values, and zero Adam's moments
+for exactly those rows and columns.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ def per_input_loss(sae: SAE, x: Tensor, l1_coef: float, chunk: int = 4096) -> Te
     """[N] the training loss of each input (squared error + sparsity term), without AuxK."""
     losses = []
     for xc in x.split(chunk):
-        f = sae.encode(xc)
+        pre = sae.pre_acts(xc)
+        f = sae.activate(pre)  # inference features (batchtopk: its threshold)
         loss = (sae.decode(f) - xc).pow(2).sum(-1)
         if sae.arch.penalty != "none":
-            loss += l1_coef * sae.penalty(f)
+            loss += l1_coef * sae.penalty(pre, f)
         losses.append(loss.float())
     return torch.cat(losses)
 
@@ -87,13 +89,17 @@ def anthropic_resample(
     sae.W_dec[idx] = unit.to(sae.W_dec.dtype)
     sae.W_enc[:, idx] = (unit * (0.2 * enc_norm)).t().to(sae.W_enc.dtype)
     sae.b_enc[idx] = 0
+    for name, value in sae.feature_init().items():  # threshold, r_mag, b_mag: as at the start
+        getattr(sae, name)[idx] = value
     # Fresh Adam moments for exactly the modified rows/columns (Adam's step count is per tensor).
     _zero_state(optimizer, sae, idx, ("exp_avg", "exp_avg_sq"))
     return res
 
 
 def _zero_state(optimizer: torch.optim.Optimizer, sae: SAE, idx: Tensor, keys: tuple) -> None:
-    for p, sl in ((sae.W_dec, (idx,)), (sae.W_enc, (slice(None), idx)), (sae.b_enc, (idx,))):
+    per_feature = [(sae.W_dec, (idx,)), (sae.W_enc, (slice(None), idx)), (sae.b_enc, (idx,))]
+    per_feature += [(getattr(sae, n), (idx,)) for n in sae.feature_init()]
+    for p, sl in per_feature:
         state = optimizer.state.get(p, {})
         for key in keys:
             if key in state:
