@@ -49,9 +49,10 @@ class RunInputs(NamedTuple):
 def load_inputs(cfg: DiagnoseConfig) -> RunInputs:
     """The SAE, its history and metrics; SaekitError when they cannot make a report."""
     from ..sae.io import load_sae
+    from .evaluate import COMPUTE_DTYPE
 
     run = Path(cfg.run)
-    sae, meta = load_sae(run, device=cfg.device)
+    sae, meta = load_sae(run, device=cfg.device, dtype=COMPUTE_DTYPE)
     sae.eval()
     meta = complete_metadata(meta, cfg.model, cfg.hook)
     d_sae = sae.W_dec.shape[0]
@@ -336,6 +337,8 @@ def build_summary(
         "run": str(inp.run),
         "cache": cfg.cache,
         "n_features": d_sae,
+        "weights_dtype": inp.meta.get("weights_dtype"),
+        "compute_dtype": str(inp.sae.W_enc.dtype).removeprefix("torch."),
         "counts": n_cls,
         "fractions": frac,
         "resolvable": resolvable,

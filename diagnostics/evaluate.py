@@ -33,6 +33,10 @@ from ..sae.errors import SaekitError, check_device
 from .run_info import check_hook, complete_metadata, feature_classes
 from .splice import Recon, derived_site_metrics, splice_metrics
 
+# Evaluation runs the SAE in float32 whatever dtype it was trained and saved in (float64 weights
+# are rounded, bfloat16 ones exact): the model's activations are float32 too.
+COMPUTE_DTYPE = torch.float32
+
 
 @dataclass
 class EvaluateConfig:
@@ -151,7 +155,7 @@ def _load_run(cfg: EvaluateConfig) -> tuple[Path, Any, dict]:
     if cfg.context_size is not None and cfg.context_size < 2:
         raise SaekitError(f"--context-size must be >= 2 (got {cfg.context_size})")
     check_device(cfg.device)
-    sae, meta = load_sae(run_dir, device=cfg.device)
+    sae, meta = load_sae(run_dir, device=cfg.device, dtype=COMPUTE_DTYPE)
     sae.eval()
     meta = complete_metadata(meta, cfg.model, cfg.hook, cfg.context_size)
     flags = {"model_name": "--model", "hook_name": "--hook", "context_size": "--context-size"}
@@ -205,6 +209,8 @@ def _header(meta: dict, dataset: str, split: str, derived: bool, include_bos: bo
         "dataset": dataset,
         "split": split,
         "context_size": int(meta["context_size"]),
+        "weights_dtype": meta.get("weights_dtype"),
+        "compute_dtype": str(COMPUTE_DTYPE).removeprefix("torch."),
         "spliced": not derived,
         "bos_positions": "included (the cache kept BOS rows)"
         if include_bos

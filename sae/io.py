@@ -285,10 +285,13 @@ def check_run_cfg(cfg_path: Path, sl_cfg: Any) -> None:
             )
 
 
-def load_sae(run_dir: str | Path, device: str = "cpu") -> tuple[Any, dict]:
+def load_sae(
+    run_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
+) -> tuple[Any, dict]:
     """The SAE of a run dir, or of any SAELens-format dir (sae/saelens_format.py says how each
-    cfg.json field is read), in input units, and cfg.json's metadata (saekit's fields included);
-    SaekitError in one line for anything it cannot read exactly."""
+    cfg.json field is read), in input units, and cfg.json's metadata (saekit's fields included,
+    plus `weights_dtype`: the dtype the weights are stored in); SaekitError in one line for
+    anything it cannot read exactly. `dtype`: cast the weights to it (None: keep theirs)."""
     from .model import SAE, SAEConfig
     from .saelens_format import apply_plan, read_plan, upgrade_pre6
 
@@ -344,11 +347,13 @@ def load_sae(run_dir: str | Path, device: str = "cpu") -> tuple[Any, dict]:
         raise SaekitError(
             f"{cfg_path}: field k is {cfg.k}, more than the SAE's {d_sae} features; fix it or re-run training"
         )
-    sae = SAE(cfg, device=device, dtype=weights["W_enc"].dtype, arch=plan.arch)
+    saved = weights["W_enc"].dtype
+    sae = SAE(cfg, device=device, dtype=dtype or saved, arch=plan.arch)
     sae.normalize = plan.normalize  # type: ignore[assignment]
     with torch.no_grad():
         for name, t in weights.items():
             getattr(sae, name).copy_(t)
+    meta["weights_dtype"] = str(saved).removeprefix("torch.")
     return sae, meta
 
 

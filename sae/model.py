@@ -209,7 +209,9 @@ class SAE(nn.Module):
     # -- the definition: x [B, d_in] -> pre-activations -> features -> reconstruction --
     def pre_acts(self, x: Tensor) -> Tensor:
         """[B, d_sae]: (x - b_dec) @ W_enc + b_enc, or x @ W_enc + b_enc without subtract_b_dec
-        (gated: the gate's pre-activation)."""
+        (gated: the gate's pre-activation). `x` of any float dtype is cast to the SAE's (a float64
+        SAE on float32 activations)."""
+        x = x.to(self.W_enc.dtype)
         x_in = x - self.b_dec if self.arch.subtract_b_dec else x
         return torch.addmm(self.b_enc, x_in, self.W_enc)
 
@@ -233,7 +235,7 @@ class SAE(nn.Module):
         return pre.relu()
 
     def decode(self, f: Tensor) -> Tensor:
-        return torch.addmm(self.b_dec, f, self.W_dec)  # f @ W_dec + b_dec
+        return torch.addmm(self.b_dec, f.to(self.W_dec.dtype), self.W_dec)  # f @ W_dec + b_dec
 
     def penalty(self, pre: Tensor, f: Tensor) -> Tensor:
         """[B] each row's sparsity penalty: sum_i relu(pre_i) (l1; for relu archs that is
@@ -278,6 +280,7 @@ class SAE(nn.Module):
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
         """The training definition; `dead_mask` [d_sae] bool turns on AuxK (if the arch has it)."""
         B = x.shape[0]
+        x = x.to(self.W_enc.dtype)  # the loss too is in the SAE's dtype
         pre = self.pre_acts(x)
         f = self.activate(pre, batch=True)
         recon = self.decode(f)
