@@ -291,7 +291,8 @@ def load_sae(
     """The SAE of a run dir, or of any SAELens-format dir (sae/saelens_format.py says how each
     cfg.json field is read), in input units, and cfg.json's metadata (saekit's fields included,
     plus `weights_dtype`: the dtype the weights are stored in); SaekitError in one line for
-    anything it cannot read exactly. `dtype`: cast the weights to it (None: keep theirs)."""
+    anything it cannot read exactly. `dtype`: cast the weights to it (None: keep theirs).
+    Weights holding NaN or inf are refused."""
     from .model import SAE, SAEConfig
     from .saelens_format import apply_plan, read_plan, upgrade_pre6
 
@@ -313,6 +314,16 @@ def load_sae(
     check_run_cfg(cfg_path, sl_cfg)
     plan = read_plan(cfg_path, sl_cfg, set(tensors))
     weights = apply_plan(plan, tensors, weights_path)
+    for name, t in weights.items():
+        if not t.is_floating_point():
+            raise SaekitError(
+                f"{weights_path}: {plan.names[name]} has dtype {t.dtype}, not a float; re-run training"
+            )
+        n_bad = int((~torch.isfinite(t)).sum())
+        if n_bad:
+            raise SaekitError(
+                f"{weights_path}: {plan.names[name]} holds {n_bad} NaN/inf values (the run diverged); train again with a lower --lr"
+            )
     if weights["W_enc"].ndim != 2:
         raise SaekitError(f"{weights_path}: W_enc is not a matrix; re-run training")
     d_in, d_sae = weights["W_enc"].shape

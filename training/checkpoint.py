@@ -128,6 +128,11 @@ def read_checkpoint(
         raise SaekitError(
             f"checkpoint {st_path} lacks {lacking[0]}: it is not a saekit checkpoint of this run; delete it and {json_path.name}"
         )
+    bad = [k for k in want[: len(names)] if not bool(torch.isfinite(t[k]).all())]
+    if bad:
+        raise SaekitError(
+            f"checkpoint {st_path} holds NaN/inf in {bad[0]}; delete it and {json_path.name} to resume from the one before"
+        )
     if t["sae.W_enc"].shape != sae.W_enc.shape:
         raise SaekitError(
             f"checkpoint {json_path.name} has W_enc {tuple(t['sae.W_enc'].shape)} but the source gives {tuple(sae.W_enc.shape)}; resume on the original source"
