@@ -21,7 +21,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..sae.errors import SaekitError
-from .cache_config import CacheConfig
+from ..sae.lock import DirLock
+from .cache_config import CacheConfig, check_config, check_out
 from .cache_format import read_manifest
 from .cache_reader import CacheReader
 from .cache_workers import build_cache_worker, worker_of
@@ -91,10 +92,7 @@ def build_synthetic_cache(cfg: CacheConfig) -> Cache:
     """`saekit cache --model synthetic`: --tokens rows of the generator's stream --seed, in
     order (row r is row r mod 4096 of batch r div 4096), with its ground truth saved beside them
     (synthetic.json, synthetic.safetensors). Made anew on --resume: it is cheap to make."""
-    from ..sae.io import atomic_write_json
-    from .cache_config import check_config, check_out, clear_dir, shard_rows
-    from .cache_files import write_safetensors
-    from .cache_format import CHECKSUM, FORMAT_VERSION, MANIFEST, set_shards
+    from ..sae.lock import empty_dir
     from .source import parse_synthetic
     from .synthetic import SyntheticSource
 
@@ -108,9 +106,19 @@ def build_synthetic_cache(cfg: CacheConfig) -> Cache:
     out = Path(cfg.out)
     check_out(out, cfg)
     source = SyntheticSource(parse_synthetic(cfg.synthetic))
-    if out.is_dir():
-        clear_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with DirLock(out, "cache"):  # one writer per cache dir; --out checked again under the lock
+        check_out(out, cfg)
+        empty_dir(out)  # (the lock file stays)
+        _write_synthetic_cache(cfg, out, source)
+    return Cache.open(out)
+
+
+def _write_synthetic_cache(cfg: CacheConfig, out: Path, source) -> None:
+    from ..sae.io import atomic_write_json
+    from .cache_config import shard_rows
+    from .cache_files import write_safetensors
+    from .cache_format import CHECKSUM, FORMAT_VERSION, MANIFEST, set_shards
+
     source.save(out)
     per_shard, B = shard_rows(cfg, source.d_in), SYNTHETIC_BATCH
     entries, row = [], 0
@@ -144,7 +152,6 @@ def build_synthetic_cache(cfg: CacheConfig) -> Cache:
     print(
         f"saekit cache: {cfg.tokens:,} synthetic rows (d_in {source.d_in}, {source.n_true} true features) -> {out}"
     )
-    return Cache.open(out)
 
 
 def build_cache(cfg: CacheConfig) -> Cache | dict[str, Cache]:
@@ -158,8 +165,11 @@ def build_cache(cfg: CacheConfig) -> Cache | dict[str, Cache]:
     if count > 1:  # split over workers (activations/cache_workers.py)
         return Cache.open(build_cache_worker(cfg, index, count))
     t_start = time.perf_counter()
-    job = prepare_cache(cfg)
-    t_loop = run_cache(job)
+    check_config(cfg)
+    check_out(Path(cfg.out), cfg)  # bad input is refused before the lock makes --out
+    with DirLock(cfg.out, "cache"):  # one writer per cache dir; checked again under the lock
+        job = prepare_cache(cfg)
+        t_loop = run_cache(job)
     dt = time.perf_counter() - t_start
     shards = [s for w in job.writers for s in w.manifest["shards"]]
     n_bytes = sum(s["bytes"] for s in shards)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..sae.errors import SaekitError, check_device
+from ..sae.lock import LOCK_FILE, entries
 from .cache_format import CONTEXTS, DTYPES, MANIFEST
 from .sites import Site
 
@@ -130,7 +131,7 @@ def _ours(path: Path) -> bool:
     if path.is_dir():
         return all(_ours(p) for p in path.iterdir())
     return (
-        n in (MANIFEST, CONTEXTS, "synthetic.json", "synthetic.safetensors")
+        n in (MANIFEST, CONTEXTS, LOCK_FILE, "synthetic.json", "synthetic.safetensors")
         or ".tmp-" in n
         or (n.startswith("shard-") and n.endswith(".safetensors"))
     )
@@ -140,28 +141,18 @@ def check_out(out: Path, cfg: CacheConfig) -> None:
     """--out is missing, empty, or (with --resume or --overwrite) holds only what we write."""
     if out.exists() and not out.is_dir():
         raise SaekitError(f"--out {out} is a file; choose a directory")
-    if not out.is_dir() or not any(out.iterdir()):
+    if not entries(out):
         return
     if not (cfg.overwrite or cfg.resume):
         raise SaekitError(
             f"--out {out} is not empty; pass --resume to continue it, --overwrite to replace it, or choose another --out"
         )
-    foreign = sorted(p.name for p in out.iterdir() if not _ours(p))
+    foreign = sorted(p.name for p in entries(out) if not _ours(p))
     if foreign:
         flag = "--overwrite" if cfg.overwrite else "--resume"
         raise SaekitError(
             f"{flag} refused: {out} holds files saekit cache did not write ({', '.join(foreign[:3])}); choose another --out"
         )
-
-
-def clear_dir(path: Path) -> None:
-    """Delete everything inside `path` (checked by `check_out` to be ours), keeping `path`."""
-    for p in path.iterdir():
-        if p.is_dir():
-            clear_dir(p)
-            p.rmdir()
-        else:
-            p.unlink()
 
 
 def choose_contexts(cfg: CacheConfig, tokenizer) -> tuple[Tensor, Tensor]:

@@ -27,6 +27,7 @@ from safetensors.torch import load as st_load
 from torch import Tensor
 
 from ..sae.errors import SaekitError
+from ..sae.lock import check_not_written
 
 FORMAT_VERSION = 2  # 2: files are checked with XXH3-128 (1 used SHA-256)
 # The checksum of every cache file, and its key in the manifest. Caching hashes every byte it
@@ -108,7 +109,12 @@ def read_manifest(cache_dir: str | Path) -> dict:
     d = Path(cache_dir)
     if not d.is_dir():
         raise SaekitError(f"cache dir {d} does not exist; build it with saekit cache --out {d}")
-    if not (d / MANIFEST).is_file():
+    m = load_raw_manifest(d)
+    if not (isinstance(m, dict) and m.get("complete")):
+        # refused as being written, not as incomplete (a site's dir: its parent is locked)
+        check_not_written(d, "cache")
+        check_not_written(d.resolve().parent, "cache", ("cache",))
+    if m is None:
         subs = sorted(p.name for p in d.iterdir() if (p / MANIFEST).is_file())
         if subs:
             raise SaekitError(
@@ -117,7 +123,6 @@ def read_manifest(cache_dir: str | Path) -> dict:
         raise SaekitError(
             f"{d} is not a saekit cache (no {MANIFEST}); build it with saekit cache --out {d}"
         )
-    m = load_raw_manifest(d)
     if not isinstance(m, dict) or m.get("format_version") not in FORMAT_CHECKSUM:
         raise SaekitError(
             f"{d / MANIFEST} is not a saekit cache manifest of format 1 or 2; rebuild the cache"

@@ -23,13 +23,13 @@ import torch
 
 from ..sae.errors import SaekitError
 from ..sae.io import atomic_write_json
+from ..sae.lock import DirLock, empty_dir
 from .cache_config import (
     CacheConfig,
     cache_settings,
     check_config,
     check_out,
     choose_contexts,
-    clear_dir,
     keep_mask,
     load_cacheable_model,
     shard_rows,
@@ -72,9 +72,6 @@ def worker_dir(out: str | Path, index: int) -> Path:
 def build_cache_worker(cfg: CacheConfig, index: int, count: int) -> Path:
     """Cache worker `index`'s share of the contexts into OUT/worker-index; merge if it is last.
     Returns OUT once merged, else the worker's own dir (a complete cache of its share)."""
-    from .models import model_spec
-    from .sites import resolve_sites
-
     t0 = time.perf_counter()
     check_config(cfg)
     if cfg.device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per worker
@@ -91,6 +88,27 @@ def build_cache_worker(cfg: CacheConfig, index: int, count: int) -> Path:
             f"--out {cfg.out} already holds a cache; pass --overwrite or choose another --out"
         )
     check_out(out, cfg)
+    with DirLock(out, "cache"):  # one writer per worker dir; checked again under the lock
+        check_out(out, cfg)
+        target = _cache_share(cfg, index, count, out)
+    print(
+        f"saekit cache: worker {index}/{count}: {target:,} tokens "
+        f"in {time.perf_counter() - t0:.1f}s -> {out}",
+        file=sys.stderr,
+    )
+    done = [load_raw_manifest(worker_dir(cfg.out, i)) for i in range(count)]
+    if all(d is not None and d.get("complete") for d in done):
+        # Two workers may finish together: the second waits for the first's merge, then merges
+        # again (the same bytes).
+        return merge_cache(MergeConfig(out=Path(cfg.out)), wait=120.0)
+    return out
+
+
+def _cache_share(cfg: CacheConfig, index: int, count: int, out: Path) -> int:
+    """Cache worker `index`'s contexts into `out` (locked by the caller); returns its rows."""
+    from .models import model_spec
+    from .sites import resolve_sites
+
     model = load_cacheable_model(cfg)
     tok = model.tokenizer
     sites = resolve_sites(model, cfg.site, cfg.layer, cfg.hook)
@@ -113,7 +131,7 @@ def build_cache_worker(cfg: CacheConfig, index: int, count: int) -> Path:
         )
 
     if cfg.overwrite and out.is_dir():
-        clear_dir(out)
+        empty_dir(out)  # all ours (check_out), but the lock
     out.mkdir(parents=True, exist_ok=True)
     contexts = {"context": ids[mine].contiguous(), "tokens": ctx[mine].to(torch.int32)}
     nbytes, sha = write_safetensors(out / CONTEXTS, contexts)
@@ -124,15 +142,7 @@ def build_cache_worker(cfg: CacheConfig, index: int, count: int) -> Path:
     writer = SiteWriter(site, out, m, DTYPES[cfg.dtype], target)
     job_cfg = dataclasses.replace(cfg, out=out, tokens=target)
     run_cache(CacheJob(job_cfg, model, sites, [writer], ids[mine], ctx[mine], keep[mine]))
-    print(
-        f"saekit cache: worker {index}/{count}: {target:,} tokens, {len(m['shards'])} shards "
-        f"in {time.perf_counter() - t0:.1f}s -> {out}",
-        file=sys.stderr,
-    )
-    done = [load_raw_manifest(worker_dir(cfg.out, i)) for i in range(count)]
-    if all(d is not None and d.get("complete") for d in done):
-        return merge_cache(MergeConfig(out=Path(cfg.out)))
-    return out
+    return target
 
 
 @dataclass
@@ -167,13 +177,19 @@ def _checked_worker_manifest(path: Path) -> dict:
     return m
 
 
-def merge_cache(cfg: MergeConfig) -> Path:
-    """Write OUT/manifest.json listing every worker's shards (and their contexts); returns OUT."""
+def merge_cache(cfg: MergeConfig, wait: float = 0.0) -> Path:
+    """Write OUT/manifest.json listing every worker's shards (and their contexts); returns OUT.
+    `wait`: seconds to wait for another process writing OUT (else refused at once)."""
     out = Path(cfg.out)
     if not (worker_dir(out, 0) / MANIFEST).is_file():
         raise SaekitError(
             f"{out} holds no worker-0/{MANIFEST}; run `saekit cache --num-workers K --worker-index i --out {out}` first"
         )
+    with DirLock(out, "cache-merge", wait=wait):
+        return _merge(out)
+
+
+def _merge(out: Path) -> Path:
     first = _checked_worker_manifest(worker_dir(out, 0))
     count = first["worker"]["count"]
     ms = []

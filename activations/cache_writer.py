@@ -19,13 +19,13 @@ from tqdm.auto import tqdm
 
 from ..sae.errors import SaekitError
 from ..sae.io import atomic_write_json
+from ..sae.lock import empty_dir
 from .cache_config import (
     CacheConfig,
     cache_settings,
     check_config,
     check_out,
     choose_contexts,
-    clear_dir,
     keep_mask,
     load_cacheable_model,
     shard_rows,
@@ -233,7 +233,7 @@ def prepare_cache(cfg: CacheConfig) -> CacheJob:
 
     # Everything is validated: from here on we write.
     if cfg.overwrite and out.is_dir():
-        clear_dir(out)
+        empty_dir(out)  # all ours (check_out), but the lock
     contexts = {"context": ids.contiguous(), "tokens": ctx.to(torch.int32)}
     writers = []
     for d, m, st, s in zip(dirs, existing, settings, sites, strict=True):

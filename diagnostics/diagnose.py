@@ -17,7 +17,7 @@ import torch
 
 from ..sae.errors import SaekitError
 from ..training.run import MECHANISMS_FILE, History, last_metrics, load_history, load_mechanisms
-from .config import DiagnoseConfig, check_inputs
+from .config import DiagnoseConfig, check_inputs, check_out
 from .contexts import CacheRows, contexts_text, measure_on_cache
 from .features import (
     CLASSES,
@@ -426,8 +426,17 @@ def write_report(out: Path, data: ReportData) -> None:
 
 def diagnose(cfg: DiagnoseConfig) -> Report:
     """Write report.html, features.csv and summary.json into cfg.out; returns the Report."""
+    from ..sae.lock import DirLock, check_not_written
+
     t0 = time.time()
     out = check_inputs(cfg)
+    check_not_written(cfg.run, "run", ("train",))  # (a report is not made of half a run)
+    with DirLock(out, "diagnose"):  # one writer per report dir
+        check_out(cfg)  # again, under the lock: another diagnose may have just written it
+        return _diagnose(cfg, out, t0)
+
+
+def _diagnose(cfg: DiagnoseConfig, out: Path, t0: float) -> Report:
     inp = load_inputs(cfg)
     warnings: list[str] = []
     model, vocab = load_run_model(cfg, inp.meta, inp.sae.cfg.d_in, warnings)

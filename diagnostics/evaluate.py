@@ -142,19 +142,10 @@ def check_cache_of_run(cache_dir: Path, manifest: dict, meta: dict, run_dir: Pat
 
 def _load_run(cfg: EvaluateConfig) -> tuple[Path, Any, dict]:
     """The run dir, its SAE (eval mode, on cfg.device) and cfg.json's metadata, after checking
-    the flags and that the metadata names what evaluation needs."""
+    that the metadata names what evaluation needs."""
     from ..sae.io import load_sae
 
     run_dir = Path(cfg.run)
-    if not (run_dir / "cfg.json").is_file():
-        raise SaekitError(
-            f"{run_dir} is not a run dir (no cfg.json); pass the dir `saekit train` wrote"
-        )
-    if cfg.tokens <= 0 or cfg.batch_size <= 0:
-        raise SaekitError("--tokens and --batch-size must be positive")
-    if cfg.context_size is not None and cfg.context_size < 2:
-        raise SaekitError(f"--context-size must be >= 2 (got {cfg.context_size})")
-    check_device(cfg.device)
     sae, meta = load_sae(run_dir, device=cfg.device, dtype=COMPUTE_DTYPE)
     sae.eval()
     meta = complete_metadata(meta, cfg.model, cfg.hook, cfg.context_size)
@@ -225,6 +216,25 @@ def _header(meta: dict, dataset: str, split: str, derived: bool, include_bos: bo
 
 def evaluate(cfg: EvaluateConfig) -> Evaluation:
     """Write eval.json in the run dir (see the module docstring for every number) and print it."""
+    from ..sae.lock import DirLock, check_not_written
+
+    run_dir = Path(cfg.run)
+    check_not_written(run_dir, "run", ("train",))
+    if not (run_dir / "cfg.json").is_file():
+        raise SaekitError(
+            f"{run_dir} is not a run dir (no cfg.json); pass the dir `saekit train` wrote"
+        )
+    if cfg.tokens <= 0 or cfg.batch_size <= 0:
+        raise SaekitError("--tokens and --batch-size must be positive")
+    if cfg.context_size is not None and cfg.context_size < 2:
+        raise SaekitError(f"--context-size must be >= 2 (got {cfg.context_size})")
+    check_device(cfg.device)
+    # eval.json goes into the run dir: refused while `saekit train` (or another evaluate) writes it
+    with DirLock(run_dir, "evaluate"):
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: EvaluateConfig) -> Evaluation:
     from ..activations.models import load_model
     from ..activations.sites import DERIVED
     from ..sae.io import atomic_write_json
@@ -236,7 +246,7 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
 
         masks, ablate_note = ablation_masks(run_dir, cfg.ablate, sae.W_dec.shape[0])
     if meta["model_name"] == "synthetic":
-        return _evaluate_synthetic(cfg, run_dir, sae, masks, ablate_note)
+        return _evaluate_synthetic(cfg, run_dir, sae, meta, masks, ablate_note)
     dataset, split, col = _dataset_spec(meta.get("dataset"), cfg.dataset, cfg.split)
     include_bos = _cache_kept_bos(run_dir, meta)
     model = load_model(meta["model_name"], device=cfg.device)
@@ -283,7 +293,7 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
 
 @torch.no_grad()
 def _evaluate_synthetic(
-    cfg: EvaluateConfig, run_dir: Path, sae, masks: dict, ablate_note: dict
+    cfg: EvaluateConfig, run_dir: Path, sae, meta: dict, masks: dict, ablate_note: dict
 ) -> Evaluation:
     """A run on synthetic activations: L0, MSE and FVU on --tokens fresh rows of its source
     (apart from the training stream), and the scoring against its true features; --ablate:
@@ -309,6 +319,8 @@ def _evaluate_synthetic(
     fired = recon.pop("fired")
     metrics = {
         "model": "synthetic", "spliced": False, "dataset": "synthetic", "split": None,
+        "weights_dtype": meta.get("weights_dtype"),
+        "compute_dtype": str(COMPUTE_DTYPE).removeprefix("torch."),
         "not_spliced_reason": "synthetic activations: there is no model to splice the SAE into, "
         "so CE, loss recovered and KL are not measured; L0, MSE and FVU are on fresh rows of the "
         "run's synthetic source, and ground_truth scores the SAE against its true features",

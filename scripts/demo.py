@@ -10,13 +10,13 @@ splices it back into the model (`saekit evaluate`), and writes the diagnostics r
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 from ..sae.errors import SaekitError
+from ..sae.lock import DirLock, empty_dir, entries
 
 DEFAULT_D_IN = 512  # the default model's d_mlp: the width of its mlp_post cache
 
@@ -64,26 +64,24 @@ def demo(cfg: DemoConfig) -> DemoResult:
     _check_config(cfg)
     if out.exists() and not out.is_dir():
         raise SaekitError(f"--out {out} is a file; pass a directory")
-    if out.exists() and any(out.iterdir()):
+    _check_out(cfg, out)
+    with DirLock(out, "demo"):  # one writer per dir (and the cache, run and report lock theirs)
+        _check_out(cfg, out)  # again, under the lock
+        empty_dir(out)  # --overwrite of a demo dir, checked above
+        try:
+            return _pipeline(cfg, out)
+        except (SaekitError, OSError):
+            # A failed demo cannot be resumed: leave --out as it was (missing or empty).
+            empty_dir(out)  # (and the lock removes a dir it made)
+            raise
+
+
+def _check_out(cfg: DemoConfig, out: Path) -> None:
+    if entries(out):
         if not cfg.overwrite:
             raise SaekitError(f"{out} is not empty; pass --overwrite or another --out")
         if not (out / "demo.json").is_file() and not (out / "cache").is_dir():
             raise SaekitError(f"{out} does not look like a demo dir; refusing to delete it")
-        shutil.rmtree(out)
-    existed = out.is_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        return _pipeline(cfg, out)
-    except (SaekitError, OSError):
-        # A failed demo cannot be resumed: leave --out as it was (missing or empty).
-        if not existed:
-            shutil.rmtree(out, ignore_errors=True)
-        for p in list(out.iterdir()) if out.is_dir() else []:
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-        raise
 
 
 def _train_config(cfg: DemoConfig, cache: Path, run: Path):

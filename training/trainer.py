@@ -7,24 +7,42 @@ itself is training/loop.py's `Trainer`, its checkpoints training/checkpoint.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-import shutil
 import sys
 from pathlib import Path
 
 from ..sae.errors import SaekitError, check_device
 from ..sae.io import SAEKIT_FILE
+from ..sae.lock import DirLock, empty_dir, entries
 from . import distributed
 from .checkpoint import cfg_dict, latest_checkpoint
 from .config import TrainConfig, check_memory
 from .loop import Trainer
 
 
+# What a run that stopped before its first checkpoint (or, without checkpoints, before it
+# finished) may have written: `--resume` starts such a run again from step 0.
+UNFINISHED = {"metrics.jsonl", "checkpoints", "wandb", "sparsity.safetensors",
+              "density_history.safetensors", "sae_weights.safetensors", "cfg.json",
+              "synthetic.json", "synthetic.safetensors"}  # fmt: skip
+
+
+def _interrupted_early(out: Path) -> bool:
+    """Whether `out` holds only what a run stopped before its first checkpoint leaves (nothing,
+    or metrics.jsonl and the like: not a foreign SAE dir)."""
+    names = [p.name for p in entries(out)]
+    ours = all(n in UNFINISHED or ".tmp-" in n for n in names)
+    return ours and (
+        not names or bool({"metrics.jsonl", "checkpoints", "synthetic.json"} & set(names))
+    )
+
+
 def _prepare_out(cfg: TrainConfig) -> tuple[Path, Path | None, bool]:
-    """Check --out against --resume/--overwrite; returns (out, checkpoint to resume, created)."""
+    """Check --out against --resume/--overwrite; returns (out, checkpoint to resume, whether
+    to empty --out first)."""
     out = Path(cfg.out)
-    nonempty = out.is_dir() and any(out.iterdir())
     if out.exists() and not out.is_dir():
         raise SaekitError(f"--out {out} is a file; pass a directory")
     if cfg.resume:
@@ -33,14 +51,16 @@ def _prepare_out(cfg: TrainConfig) -> tuple[Path, Path | None, bool]:
             raise SaekitError(
                 f"the run in {out} already finished; drop --resume or use a new --out"
             )
+        if ckpt is None and out.is_dir() and _interrupted_early(out):
+            return out, None, True
         if ckpt is None:
             raise SaekitError(f"--resume: {out} holds no checkpoint; drop --resume to start anew")
         return out, ckpt, False
-    if nonempty and not cfg.overwrite:
+    if entries(out) and not cfg.overwrite:
         raise SaekitError(
             f"--out {out} is not empty; pass --resume to continue it, --overwrite to replace it, or another --out"
         )
-    return out, None, not nonempty and not out.exists()
+    return out, None, cfg.overwrite
 
 
 def open_source(cfg: TrainConfig, kind: str | None = None):
@@ -92,23 +112,34 @@ def train(cfg: TrainConfig, source=None) -> Path:
             f"--batch-size {cfg.batch_size} does not split into {world.size} equal per-rank slices; use a multiple of {world.size}"
         )
     check_memory(cfg, res, world.size)
-    out, ckpt, _ = _prepare_out(cfg)
-    world, device_name = distributed.init(cfg.device)
+    _prepare_out(cfg)  # bad --out is refused before the lock makes it
+    # One writer per run dir: rank 0 writes for every rank, so only rank 0 locks.
+    lock = DirLock(cfg.out, "train") if world.main else None
     try:
-        return _train(cfg, res, source, out, ckpt, world, device_name, wandb)
+        with lock or contextlib.nullcontext():
+            out, ckpt, empty = _prepare_out(cfg)  # again: another writer may have just finished
+            world, device_name = distributed.init(cfg.device)
+            try:
+                made = lock is not None and lock.created
+                return _train(cfg, res, source, out, ckpt, world, device_name, wandb, empty, made)
+            finally:
+                distributed.close()
     finally:
-        distributed.close()
         source.close()
 
 
-def _train(cfg, res, source, out, ckpt, world, device_name, wandb) -> Path:
+def _train(cfg, res, source, out, ckpt, world, device_name, wandb, empty, made) -> Path:
+    """The run itself. `ckpt`: the checkpoint to resume; `empty`: empty --out first (rank 0);
+    `made`: --out was made for this run (removed again on bad input)."""
     if device_name != cfg.device:
         cfg = dataclasses.replace(cfg, device=device_name)
-    created = not out.exists()
     distributed.barrier(world)  # every rank has checked --out before rank 0 changes it
     if world.main:
-        if cfg.overwrite and out.exists():
-            shutil.rmtree(out)
+        if empty and ckpt is None and not cfg.overwrite:
+            print(f"saekit train: {out} holds no checkpoint yet: starting it again from step 0",
+                  file=sys.stderr)  # fmt: skip
+        if empty:
+            empty_dir(out)  # the lock stays
         out.mkdir(parents=True, exist_ok=True)
         truth = source.ground_truth()
         if truth is not None:  # synthetic: the true features, next to the run that learns them
@@ -135,8 +166,8 @@ def _train(cfg, res, source, out, ckpt, world, device_name, wandb) -> Path:
             trainer.finish(last)
     except SaekitError:
         # Bad input found while reading (e.g. a corrupt shard): leave no half-written run dir.
-        if (created or cfg.overwrite) and trainer.last_checkpoint is None and world.main:
-            shutil.rmtree(out, ignore_errors=True)
+        if (made or cfg.overwrite) and trainer.last_checkpoint is None and world.main:
+            empty_dir(out)  # and the lock removes a dir it made
         raise
     finally:
         if trainer.wandb is not None:
