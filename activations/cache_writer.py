@@ -164,6 +164,7 @@ class _ShardPipeline:
 
     def __init__(self, depth: int = 8):
         self.error: BaseException | None = None
+        self.stopping = False
         self.io_q: queue.Queue = queue.Queue(maxsize=depth)
         self.io = threading.Thread(target=self._io_loop, daemon=True)
         self.io.start()
@@ -174,7 +175,7 @@ class _ShardPipeline:
 
     def _io_loop(self) -> None:
         while (item := self.io_q.get()) is not None:
-            if self.error is None:
+            if self.error is None and not self.stopping:
                 writer, *args = item
                 try:
                     writer.store(*args)
@@ -184,9 +185,28 @@ class _ShardPipeline:
     def close(self) -> None:
         """Write what is queued (a killed run loses nothing either way: the shards so far are
         in the manifest), then stop."""
-        self.io_q.put(None)
-        self.io.join()
+        try:
+            self.io_q.put(None)
+            self.io.join()
+        except BaseException:  # interrupted while the queue drains
+            self.stop()
+            raise
         self._check()
+
+    def stop(self) -> None:
+        """On an interrupt (Ctrl-C, SIGTERM): finish the shard being written, drop the queued
+        ones (`--resume` makes them again), and wait for the thread, so that no half-written
+        file is left when the process exits. A second Ctrl-C does not cut this short."""
+        self.stopping = True
+        while self.io.is_alive():
+            try:
+                self.io_q.put_nowait(None)
+            except queue.Full:
+                pass
+            try:
+                self.io.join(timeout=0.05)
+            except KeyboardInterrupt:
+                pass
 
     def _check(self) -> None:
         if self.error is not None:
@@ -314,9 +334,12 @@ def run_cache(job: CacheJob) -> float:
             for w, (a, a_idx) in zip(writers, acts, strict=True):
                 w.add(a, a_idx, meta, starts[b0], pipeline.submit)
             bar.update(max(0, min(cum[min(b0 + B, len(cum)) - 1], cfg.tokens) - bar.n))
-    finally:
+    except BaseException:
         bar.close()
-        pipeline.close()
+        pipeline.stop()
+        raise
+    bar.close()
+    pipeline.close()
     for w in writers:
         w.manifest["complete"] = True
         atomic_write_json(w.out / MANIFEST, w.manifest, durable=False)

@@ -16,8 +16,10 @@ import errno
 import importlib
 import inspect
 import json
+import signal
 import sys
 import textwrap
+import threading
 import types
 import typing
 from collections.abc import Callable
@@ -340,7 +342,26 @@ def os_error_line(e: OSError) -> str:
     return f"{where}{what}"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C raises KeyboardInterrupt: every `finally` runs, the verb's lock
+    is released and its unfinished temporary files removed, as on Ctrl-C."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def interrupted_line(command: str | None, e: KeyboardInterrupt) -> str:
+    sig = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+    if command in ("cache", "train"):
+        return f"interrupted ({sig}); every file written is whole: run the same command with --resume to continue"
+    return f"interrupted ({sig}); run the command again (with --overwrite if it wrote part of its output)"
+
+
 def main(argv: list[str] | None = None) -> None:
+    command = None
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if on_main_thread else None
     try:
         command, cfg = parse(argv)
         run: Callable[[Any], Any] = _resolve(COMMANDS[command][2])
@@ -351,9 +372,12 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:  # the machine, not the input: a full disk, a file-size limit, ...
         print(f"saekit: error: {os_error_line(e)}", file=sys.stderr)
         raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        print("saekit: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+        print(f"saekit: error: {interrupted_line(command, e)}", file=sys.stderr)
+        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

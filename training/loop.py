@@ -306,8 +306,9 @@ class Trainer:
         last: dict = {}
         main = self.world.main
         pbar = tqdm(
-            total=S, initial=self.step, desc="train", unit="step", file=sys.stderr, disable=not main
-        )
+            total=S, initial=self.step, desc="train", unit="step", file=sys.stderr,
+            **({} if main else {"disable": True}),  # (else TQDM_DISABLE decides)
+        )  # fmt: skip
         metrics_file = open(self.out / "metrics.jsonl", "a") if main else None
         t0 = time.perf_counter() - self.elapsed
         # Distributed ranks slice each global batch on the host, then move their slice.
