@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..sae.errors import SaekitError
+from ..sae.errors import SaekitError, check_interrupt
 from ..sae.io import atomic_write_json
 from ..sae.lock import empty_dir
 from .cache_config import (
@@ -322,6 +322,7 @@ def run_cache(job: CacheJob) -> float:
     pipeline = _ShardPipeline()
     try:
         for b0 in range((first_ctx // B) * B, len(ctx), B):
+            check_interrupt()  # a SIGINT/SIGTERM whose exception Python swallowed
             tok = ctx[b0 : b0 + B]
             k = keep[b0 : b0 + B]
             idx = k.reshape(-1).nonzero().squeeze(1)

@@ -1,4 +1,7 @@
-"""The one exception saekit raises for bad input: the CLI prints its message as one line and exits 2."""
+"""The one exception saekit raises for bad input (the CLI prints its message as one line and
+exits 2), and the one for a stop asked by a signal."""
+
+import signal
 
 
 class SaekitError(Exception):
@@ -25,3 +28,43 @@ def check_device(device: str, flag: str = "--device") -> None:
         raise SaekitError(f"{flag} {device}: MPS is not available here; use {flag} cpu")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise SaekitError(f"{flag} {device}: saekit runs on cpu, cuda or mps, not {dev.type}")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every `finally` runs and
+    the verb's lock is released; the CLI prints one line and exits 128 + the signal number."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# Signals received and not yet acted on. Python ignores an exception raised where it cannot
+# propagate (a weakref callback, a __del__: "Exception ignored in ..."), so one raised by the
+# handler there is lost; the long loops look here once per step and raise it again.
+_pending: list[int] = []
+_raising = [True]  # False once the verb is over: a late signal is only recorded
+
+
+def on_signal(signum: int, frame: object) -> None:
+    """The CLI's handler for SIGINT and SIGTERM."""
+    _pending.append(signum)
+    if _raising[0]:
+        raise Interrupted(signum)
+
+
+def check_interrupt() -> None:
+    """Raise Interrupted if a signal came that was not acted on (cheap: call it once a step)."""
+    if _pending and _raising[0]:
+        raise Interrupted(_pending[-1])
+
+
+def quiet_interrupts() -> None:
+    """The verb is over (done, or reporting why not): a signal now must not raise in the middle
+    of its last line or of the interpreter's exit."""
+    _raising[0] = False
+
+
+def clear_interrupts() -> None:
+    _pending.clear()
+    _raising[0] = True

@@ -13,6 +13,7 @@ import argparse
 import ast
 import dataclasses
 import errno
+import functools
 import importlib
 import inspect
 import json
@@ -26,7 +27,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..sae.errors import SaekitError
+from ..sae.errors import (
+    Interrupted,
+    SaekitError,
+    clear_interrupts,
+    on_signal,
+    quiet_interrupts,
+)
 
 # name -> (one-line help, "module:ConfigClass", "module:function taking that config").
 # A verb is listed here only once it works.
@@ -342,42 +349,60 @@ def os_error_line(e: OSError) -> str:
     return f"{where}{what}"
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised as Ctrl-C raises KeyboardInterrupt: every `finally` runs, the verb's lock
-    is released and its unfinished temporary files removed, as on Ctrl-C."""
-
-
-def _terminated(signum: int, frame: object) -> None:
-    raise Terminated
-
-
 def interrupted_line(command: str | None, e: KeyboardInterrupt) -> str:
-    sig = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+    sig = e.args[0] if isinstance(e, Interrupted) else "SIGINT"
     if command in ("cache", "train"):
         return f"interrupted ({sig}); every file written is whole: run the same command with --resume to continue"
     return f"interrupted ({sig}); run the command again (with --overwrite if it wrote part of its output)"
 
 
+def _install_handlers() -> dict:
+    """SIGTERM, and SIGINT unless ignored (a background job's), raise Interrupted; returns the
+    handlers to put back. Only the main thread can set them."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    old = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_signal)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        old[signal.SIGINT] = signal.signal(signal.SIGINT, on_signal)
+    return old
+
+
+def _unraisable(others: Callable[[Any], None], u: Any) -> None:
+    """Python cannot raise a signal's exception inside a weakref callback or a __del__ and
+    prints it as "Exception ignored"; saekit acts on it at its next step (check_interrupt).
+    `others`: the hook for every other unraisable exception."""
+    if not isinstance(u.exc_value, KeyboardInterrupt):
+        others(u)
+
+
 def main(argv: list[str] | None = None) -> None:
     command = None
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminated) if on_main_thread else None
+    previous = _install_handlers()
+    hook = sys.unraisablehook
+    sys.unraisablehook = functools.partial(_unraisable, hook)
     try:
         command, cfg = parse(argv)
         run: Callable[[Any], Any] = _resolve(COMMANDS[command][2])
         run(cfg)
+        quiet_interrupts()  # (and first in each handler below: a signal then only counts)
     except SaekitError as e:
+        quiet_interrupts()
         print(f"saekit: error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as e:  # the machine, not the input: a full disk, a file-size limit, ...
+        quiet_interrupts()
         print(f"saekit: error: {os_error_line(e)}", file=sys.stderr)
         raise SystemExit(1) from None
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Interrupted)
+        quiet_interrupts()
         print(f"saekit: error: {interrupted_line(command, e)}", file=sys.stderr)
-        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
+        raise SystemExit(128 + getattr(e, "signum", signal.SIGINT)) from None
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if argv is not None:  # called in-process: the caller's handlers back (the program
+            for sig, handler in previous.items():  # keeps saekit's, quiet, until it exits)
+                signal.signal(sig, handler)
+            sys.unraisablehook = hook
+            clear_interrupts()
 
 
 if __name__ == "__main__":

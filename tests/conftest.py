@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -273,3 +274,11 @@ def planted() -> SimpleNamespace:
         STEPS=STEPS,
         WIN_TOKENS=WIN_TOKENS,
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sigint_reaches_children():
+    """Processes the tests start stop on SIGINT (Ctrl-C) as in a terminal: a shell starts a
+    background job with SIGINT ignored, which its children would inherit."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..sae.errors import SaekitError
+from ..sae.errors import SaekitError, check_interrupt
 from ..sae.fast_step import FastStep, StepOutput
 from ..sae.io import atomic_save_safetensors, save_sae
 from ..sae.model import SAE, SAEConfig, geometric_median
@@ -322,6 +322,7 @@ class Trainer:
             for x in batches:
                 if self.step >= S:
                     break
+                check_interrupt()  # a SIGINT/SIGTERM whose exception Python swallowed
                 windows = len(dens.counts)
                 out = self.train_step(x)
                 loss, fired = out.loss, out.fired
