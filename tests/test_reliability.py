@@ -31,6 +31,7 @@ import torch
 import xxhash
 from safetensors.torch import load_file
 
+from saekit.sae.lock import LOCK_FILE
 from saekit.scripts.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,18 +99,31 @@ def kill_chain(
     sizes: tuple[int, int],
     unit_s: float,
     logs: Path,
+    stops: tuple[signal.Signals, ...] = (signal.SIGKILL,),
+    plan: tuple[int, int, int] = (KILLS, 0, END_KILLS),
+    out: Path | None = None,
 ) -> dict:
     """Run `fresh`, kill -9 it, then `resume` and kill again, ..., and finally `resume` to the end.
 
     `progress()` is the number of units (shards, checkpoints) on disk. A mid-run kill waits for
     rng.randint(*sizes) new units after launch, then a random fraction of `unit_s` seconds; an
-    end kill waits for unit `last_unit` and then up to 3 * unit_s, landing in the last writes.
-    `check()` runs after every kill and returns the phase the kill left on disk."""
+    early one a random 2-6 s after launch (start-up, model loading, checks, resuming); an end
+    kill waits for unit `last_unit` and then up to 3 * unit_s, landing in the last writes.
+    `plan` is how many (mid, early, end) kills to try; they send `stops` in turn: SIGKILL, or
+    SIGINT / SIGTERM, after which the process must stop cleanly (exit 130 / 143, one line).
+    With `out`, mid and end kills also wait for the process to hold the lock on `out` (a
+    relaunch may start with the target already on disk: its kill would land in Python's
+    start-up). `check(signal)` runs after every kill and returns the phase the kill left on disk."""
     kills, launches, phases = 0, 0, []
-    plan = [("mid", i) for i in range(KILLS)] + [("end", i) for i in range(END_KILLS)]
-    for kind, _ in plan:
+    n_mid, n_early, n_end = plan
+    kinds = ["mid"] * n_mid
+    for i in range(n_early):  # early kills among the first, while much work is left (but not
+        kinds.insert(3 * i + 1, "early")  # the first: `train --resume` needs a run dir)
+    kinds += ["end"] * n_end
+    for kind in kinds:
         if finished():
             break
+        sig = stops[kills % len(stops)]
         before = progress()
         target = before + rng.randint(*sizes) if kind == "mid" else last_unit
         delay = rng.uniform(0, unit_s) if kind == "mid" else rng.uniform(0, 3 * unit_s)
@@ -124,16 +138,30 @@ def kill_chain(
             )
         launches += 1
         deadline = time.time() + 300
-        while progress() < target and p.poll() is None:
+        if kind == "early":
+            target, delay = 0, rng.uniform(2.0, 6.0)
+        while (progress() < target or out and kind != "early" and lock_pid(out) != p.pid) and (
+            p.poll() is None
+        ):
             assert time.time() < deadline, "no progress in 300 s"
             time.sleep(0.003)
         if p.poll() is None:
             time.sleep(delay)
         if p.poll() is None:
-            os.kill(p.pid, signal.SIGKILL)
+            os.kill(p.pid, sig)
             p.wait()
+            if p.returncode == 0 or p.returncode == -sig and sig != signal.SIGKILL:
+                # the signal came after the work was done
+                assert finished(), (p.returncode, log.read_text())
+                continue
             kills += 1
-            phases.append(check())
+            if sig != signal.SIGKILL:  # a clean stop
+                assert p.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], (
+                    p.returncode,
+                    log.read_text(),
+                )
+                assert f"interrupted ({sig.name})" in error_line(log.read_text())
+            phases.append(f"{kind} {sig.name}: {check(sig)}")
         else:  # it finished before the kill
             assert p.returncode == 0, log.read_text()
             assert finished()
@@ -142,6 +170,14 @@ def kill_chain(
         launches += 1
         assert r.returncode == 0, r.stderr
     return {"kills": kills, "launches": launches, "phases": phases}
+
+
+def lock_pid(d: Path) -> int | None:
+    """The pid the lock file of `d` names (None: none)."""
+    try:
+        return json.loads((d / LOCK_FILE).read_text()).get("pid")
+    except (OSError, ValueError):
+        return None
 
 
 def shard_progress(d: Path) -> int:
@@ -153,9 +189,19 @@ def shard_progress(d: Path) -> int:
     return 1 + max((int(n[6:11]) for n in names), default=-1)
 
 
-def check_cache_after_kill(d: Path) -> str:
+def clean_stop(d: Path, sig: signal.Signals) -> None:
+    """After SIGINT / SIGTERM: no temporary file and no lock file left (kill -9 leaves both)."""
+    if sig != signal.SIGKILL:
+        left = [p.name for p in d.rglob("*") if ".tmp-" in p.name or p.name == LOCK_FILE]
+        assert not left, left
+
+
+def check_cache_after_kill(d: Path, sig: signal.Signals = signal.SIGKILL) -> str:
     """What a reader of a killed cache may rely on: the manifest parses, every shard it lists is
     whole (size and checksum), and nothing is marked complete early."""
+    clean_stop(d, sig)
+    if not (d / "manifest.json").exists():
+        return "before the manifest"
     m = json.loads((d / "manifest.json").read_text())
     for s in m["shards"]:
         p = d / s["file"]
@@ -178,9 +224,12 @@ def ckpt_progress(run_dir: Path) -> int:
     return max(steps, default=0) // CKPT_EVERY
 
 
-def check_run_after_kill(d: Path) -> str:
+def check_run_after_kill(d: Path, sig: signal.Signals = signal.SIGKILL) -> str:
     """Every complete checkpoint (its JSON exists) has its tensors, matching the recorded sha256;
     metrics.jsonl holds whole lines only."""
+    clean_stop(d, sig)
+    if not (d / "metrics.jsonl").exists():
+        return "before the first write"
     for j in (d / "checkpoints").glob("step-*.json"):
         meta = json.loads(j.read_text())
         st = j.with_suffix(".safetensors")
@@ -188,7 +237,7 @@ def check_run_after_kill(d: Path) -> str:
             assert sha(st) == meta["sha256"], st
     for line in (d / "metrics.jsonl").read_text().splitlines():
         json.loads(line)
-    names = os.listdir(d) + os.listdir(d / "checkpoints")
+    names = os.listdir(d) + (os.listdir(d / "checkpoints") if (d / "checkpoints").is_dir() else [])
     if any(".tmp-" in n for n in names):
         return "during a write (temporary file left)"
     if (d / "sae_weights.safetensors").exists() or (d / "sparsity.safetensors").exists():
@@ -235,7 +284,7 @@ def chains(ref_cache, tmp_path_factory):
                 if (cache_dir / "manifest.json").exists()
                 else False
             ),
-            lambda: check_cache_after_kill(cache_dir),
+            lambda sig: check_cache_after_kill(cache_dir, sig),
             random.Random(1234),
             (1, 10),
             0.02,  # about one shard's worth of caching here
@@ -250,7 +299,7 @@ def chains(ref_cache, tmp_path_factory):
             lambda: ckpt_progress(run_dir),
             TRAIN_STEPS // CKPT_EVERY - 1,
             lambda: (run_dir / "saekit.json").exists(),
-            lambda: check_run_after_kill(run_dir),
+            lambda sig: check_run_after_kill(run_dir, sig),
             random.Random(5678),
             (1, 2),
             0.15,  # about one checkpoint interval
@@ -325,6 +374,64 @@ def test_kill9_train_at_random_moments_then_resume_is_identical(chains, ref_run)
     print(f"train chain: {out}")
     assert out["kills"] >= 20, out
     assert_same_run(ref_run, chains["run_dir"])
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGINT and SIGTERM at random moments: a clean stop, then --resume
+
+STOPS = (signal.SIGINT, signal.SIGTERM)
+STOP_PLAN = (7, 3, 2)  # (mid-run, early, at the end): up to 12 stops a chain, half SIGINT
+
+
+@pytest.fixture(scope="module")
+def signal_chains(ref_cache, tmp_path_factory):
+    """Both stop chains, side by side: as the kill chains, but each process gets SIGINT or
+    SIGTERM and must stop cleanly: exit 130 / 143, one line, no temporary or lock file."""
+    base = tmp_path_factory.mktemp("signals")
+    n_shards = len(json.loads((ref_cache / "manifest.json").read_text())["shards"])
+    cache_dir, run_dir = base / "cache", base / "run"
+    (base / "cache-logs").mkdir()
+    (base / "train-logs").mkdir()
+    cache_cmd = saekit("cache", "--out", str(cache_dir), *CACHE_FLAGS)
+    train_cmd = saekit("train", "--cache", str(ref_cache), "--out", str(run_dir), *TRAIN_FLAGS)
+
+    def cache_done() -> bool:
+        m = cache_dir / "manifest.json"
+        return m.exists() and json.loads(m.read_text()).get("complete", False)
+
+    pool = ThreadPoolExecutor(2)
+    yield {
+        "cache": pool.submit(kill_chain, cache_cmd, [*cache_cmd, "--resume"],
+                             lambda: shard_progress(cache_dir), n_shards, cache_done,
+                             lambda sig: check_cache_after_kill(cache_dir, sig),
+                             random.Random(4321), (1, 10), 0.02, base / "cache-logs",
+                             STOPS, STOP_PLAN, cache_dir),
+        "train": pool.submit(kill_chain, train_cmd, [*train_cmd, "--resume"],
+                             lambda: ckpt_progress(run_dir), TRAIN_STEPS // CKPT_EVERY - 1,
+                             lambda: (run_dir / "saekit.json").exists(),
+                             lambda sig: check_run_after_kill(run_dir, sig),
+                             random.Random(8765), (1, 2), 0.15, base / "train-logs",
+                             STOPS, STOP_PLAN, run_dir),
+        "cache_dir": cache_dir,
+        "run_dir": run_dir,
+    }  # fmt: skip
+    pool.shutdown(wait=True)
+
+
+@pytest.mark.slow
+def test_sigint_sigterm_cache_at_random_moments_then_resume_is_identical(signal_chains, ref_cache):
+    out = signal_chains["cache"].result()
+    print(f"cache stops: {out}")
+    assert out["kills"] >= 10, out
+    assert_same_cache(ref_cache, signal_chains["cache_dir"])
+
+
+@pytest.mark.slow
+def test_sigint_sigterm_train_at_random_moments_then_resume_is_identical(signal_chains, ref_run):
+    out = signal_chains["train"].result()
+    print(f"train stops: {out}")
+    assert out["kills"] >= 10, out
+    assert_same_run(ref_run, signal_chains["run_dir"])
 
 
 # ---------------------------------------------------------------------------------------------
