@@ -21,7 +21,6 @@ from .checkpoint import cfg_dict, latest_checkpoint
 from .config import TrainConfig, check_memory
 from .loop import Trainer
 
-
 # What a run that stopped before its first checkpoint (or, without checkpoints, before it
 # finished) may have written: `--resume` starts such a run again from step 0.
 UNFINISHED = {"metrics.jsonl", "checkpoints", "wandb", "sparsity.safetensors",
