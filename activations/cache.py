@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..sae.errors import SaekitError
+from ..sae.errors import SaekitError, check_interrupt
 from ..sae.lock import DirLock
 from .cache_config import CacheConfig, check_config, check_out
 from .cache_format import read_manifest
@@ -124,6 +124,7 @@ def _write_synthetic_cache(cfg: CacheConfig, out: Path, source) -> None:
     entries, row = [], 0
     bar = tqdm(total=cfg.tokens, unit="tok", unit_scale=True, desc="cache", file=sys.stderr)
     while row < cfg.tokens:
+        check_interrupt()  # a SIGINT/SIGTERM whose exception Python swallowed
         n = min(per_shard, cfg.tokens - row)
         rows = torch.arange(row, row + n)
         first, last = row // B, (row + n - 1) // B

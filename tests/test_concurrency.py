@@ -239,6 +239,47 @@ def test_kill9_leaves_a_stale_lock_that_resume_takes_over(ref_cache, ref_run, tm
 
 
 # ---------------------------------------------------------------------------------------------
+# every source: synthetic activations take the lock and stop cleanly too
+
+SYNTHETIC = ["--model", "synthetic", "--synthetic", "d_in=16", "n_features=64",
+             "planted_per_block=2"]  # fmt: skip
+SYN_TRAIN = ["--features", "32", "--steps", "600", "--batch-size", "256", "--checkpoint-every",
+             "50", "--keep-checkpoints", "2", "--log-every", "50"]  # fmt: skip
+
+
+def test_synthetic_sources_lock_and_stop_cleanly(tmp_path, capsys):
+    """`train --model synthetic` and `cache --model synthetic` are refused while another process
+    holds their --out, take over the lock a kill -9 left, and a SIGTERM'd synthetic `train` stops
+    in one line with no lock or temporary file; --resume ends equal to an uninterrupted run."""
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    train = ["train", "--out", str(run), *SYNTHETIC, *SYN_TRAIN]
+    make = ["cache", "--out", str(cache), *SYNTHETIC, "--tokens", "5000", "--shard-mb", "0.02"]
+    for argv, d, verb in ((train, run, "train"), (make, cache, "cache")):
+        h = hold_lock(d, verb)
+        line = refused(argv, capsys)
+        assert f"`saekit {verb}` (pid {h.pid} " in line
+        assert [p.name for p in d.iterdir()] == [LOCK_FILE]  # nothing written
+        h.send_signal(signal.SIGKILL)
+        h.wait()
+        assert lock_pid(d) == h.pid and holder(d) is None  # stale: taken over below
+    cli_main(make)
+    assert json.loads((cache / "manifest.json").read_text())["complete"]
+    assert not (cache / LOCK_FILE).exists()
+    ref = tmp_path / "ref"
+    cli_main(["train", "--out", str(ref), *SYNTHETIC, *SYN_TRAIN])
+    shutil.rmtree(run)
+    t = start(saekit(*train), tmp_path / "train.log")
+    wait_for(lambda: (run / "checkpoints" / "step-00000050.json").exists(), t, "a checkpoint")
+    t.send_signal(signal.SIGTERM)
+    assert t.wait() == 143, (tmp_path / "train.log").read_text()
+    assert "interrupted (SIGTERM)" in error_line((tmp_path / "train.log").read_text())
+    assert not [p for p in run.rglob("*") if ".tmp-" in p.name or p.name == LOCK_FILE]
+    assert not (run / "sae_weights.safetensors").exists()  # stopped mid-run
+    cli_main([*train, "--resume"])
+    same_run(ref, run)
+
+
+# ---------------------------------------------------------------------------------------------
 # a reader of a dir that is being written
 
 
