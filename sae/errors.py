@@ -59,6 +59,11 @@ def check_interrupt() -> None:
         raise Interrupted(_pending[-1])
 
 
+def pending_signal() -> int | None:
+    """The last SIGINT/SIGTERM received during this verb, if any."""
+    return _pending[-1] if _pending else None
+
+
 def quiet_interrupts() -> None:
     """The verb is over (done, or reporting why not): a signal now must not raise in the middle
     of its last line or of the interpreter's exit."""

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from .errors import SaekitError
+from .errors import SaekitError, pending_signal
 
 LOCK_FILE = ".saekit.lock"
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
@@ -207,7 +207,9 @@ class DirLock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.release(failed=exc_type is not None and issubclass(exc_type, Exception))
+        # an error after a signal is the signal's doing (scripts/cli.py `failure`): a stop
+        failed = exc_type is not None and issubclass(exc_type, Exception)
+        self.release(failed=failed and pending_signal() is None)
 
     def release(self, failed: bool = False) -> None:
         """Drop the lock (idempotent). `failed`: bad input or a failure (not an interrupt): a

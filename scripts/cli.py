@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from ..sae.errors import (
-    Interrupted,
     SaekitError,
     clear_interrupts,
     on_signal,
+    pending_signal,
     quiet_interrupts,
 )
 
@@ -349,11 +349,26 @@ def os_error_line(e: OSError) -> str:
     return f"{where}{what}"
 
 
-def interrupted_line(command: str | None, e: KeyboardInterrupt) -> str:
-    sig = e.args[0] if isinstance(e, Interrupted) else "SIGINT"
+def interrupted_line(command: str | None, signum: int) -> str:
+    sig = signal.Signals(signum).name
     if command in ("cache", "train"):
         return f"interrupted ({sig}); every file written is whole: run the same command with --resume to continue"
     return f"interrupted ({sig}); run the command again (with --overwrite if it wrote part of its output)"
+
+
+def failure(command: str | None, e: BaseException) -> tuple[int, str] | None:
+    """(exit code, the one line) for a verb that raised `e`; None: a bug (the traceback shows).
+    An error raised after a SIGINT/SIGTERM arrived is the signal's doing (its exception can land
+    inside a library's import and leave it half-made): reported as the stop it asked for."""
+    signum = getattr(e, "signum", None) or pending_signal()
+    if isinstance(e, KeyboardInterrupt) or signum is not None:  # Ctrl-C, SIGTERM (Interrupted)
+        signum = signum or signal.SIGINT
+        return 128 + signum, interrupted_line(command, signum)
+    if isinstance(e, SaekitError):
+        return 2, one_line(e)
+    if isinstance(e, OSError):  # the machine, not the input: a full disk, a file-size limit, ...
+        return 1, os_error_line(e)
+    return None
 
 
 def _install_handlers() -> dict:
@@ -384,19 +399,14 @@ def main(argv: list[str] | None = None) -> None:
         command, cfg = parse(argv)
         run: Callable[[Any], Any] = _resolve(COMMANDS[command][2])
         run(cfg)
-        quiet_interrupts()  # (and first in each handler below: a signal then only counts)
-    except SaekitError as e:
+        quiet_interrupts()  # (and first below: a signal now only counts)
+    except (Exception, KeyboardInterrupt) as e:
         quiet_interrupts()
-        print(f"saekit: error: {one_line(e)}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except OSError as e:  # the machine, not the input: a full disk, a file-size limit, ...
-        quiet_interrupts()
-        print(f"saekit: error: {os_error_line(e)}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Interrupted)
-        quiet_interrupts()
-        print(f"saekit: error: {interrupted_line(command, e)}", file=sys.stderr)
-        raise SystemExit(128 + getattr(e, "signum", signal.SIGINT)) from None
+        how = failure(command, e)
+        if how is None:
+            raise
+        print(f"saekit: error: {how[1]}", file=sys.stderr)
+        raise SystemExit(how[0]) from None
     finally:
         if argv is not None:  # called in-process: the caller's handlers back (the program
             for sig, handler in previous.items():  # keeps saekit's, quiet, until it exits)

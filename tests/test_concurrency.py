@@ -279,6 +279,30 @@ def test_synthetic_sources_lock_and_stop_cleanly(tmp_path, capsys):
     same_run(ref, run)
 
 
+def test_an_error_after_a_signal_is_reported_as_the_stop(tmp_path):
+    """A SIGINT landing inside a library's import can leave it half-made and the verb then fails
+    with that library's error (seen: a RecursionError in numpy under transformers): reported as
+    the stop, one line and 128 + the signal, and the lock lets go as on a stop (keeping the dir
+    it made, for --resume). Without a signal such an error is a bug: its traceback shows."""
+    from saekit.sae import errors
+    from saekit.scripts.cli import failure
+
+    assert failure("cache", RuntimeError("boom")) is None
+    d = tmp_path / "new"
+    with pytest.raises(RuntimeError), DirLock(d, "train"):
+        raise RuntimeError("bad input")
+    assert not d.exists()  # a failure: the dir the lock made goes
+    errors._pending.append(signal.SIGTERM)
+    try:
+        code, line = failure("cache", RuntimeError("numpy import broke"))
+        assert code == 143 and line.startswith("interrupted (SIGTERM); ") and "--resume" in line
+        with pytest.raises(RuntimeError), DirLock(d, "train"):
+            raise RuntimeError("numpy import broke")
+        assert d.is_dir() and not any(d.iterdir())  # a stop: kept, without its lock file
+    finally:
+        errors.clear_interrupts()
+
+
 # ---------------------------------------------------------------------------------------------
 # a reader of a dir that is being written
 
