@@ -25,7 +25,7 @@ from .loop import Trainer
 # finished) may have written: `--resume` starts such a run again from step 0.
 UNFINISHED = {"metrics.jsonl", "checkpoints", "wandb", "sparsity.safetensors",
               "density_history.safetensors", "sae_weights.safetensors", "cfg.json",
-              "synthetic.json", "synthetic.safetensors"}  # fmt: skip
+              "synthetic.json", "synthetic.safetensors", "mechanisms.safetensors"}  # fmt: skip
 
 
 def _interrupted_early(out: Path) -> bool:
