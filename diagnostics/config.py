@@ -33,6 +33,10 @@ class DiagnoseConfig:
     """with --cache or --synthetic: how many rows (tokens) to measure density on"""
     batch_size: int = 4096
     """with --cache: rows per SAE forward pass"""
+    scan_tokens: int | None = None
+    """rows scanned in one pass for the feature dashboards (activation histograms, top and
+    quantile examples): the whole --cache up to this many, or this many fresh rows of a synthetic
+    run's source; None: 10,000,000 from a cache, 262,144 synthetic; 0: no scan"""
     dead_threshold: float = 0.0
     """dead: density at most this (0: zero firings in the window)"""
     ultra_rare_threshold: float = 1e-6
@@ -130,6 +134,10 @@ def check_config(cfg: DiagnoseConfig) -> None:
         ),
         (cfg.tokens >= 1, f"--tokens must be >= 1 (got {cfg.tokens})"),
         (cfg.batch_size >= 1, f"--batch-size must be >= 1 (got {cfg.batch_size})"),
+        (
+            cfg.scan_tokens is None or cfg.scan_tokens >= 0,
+            f"--scan-tokens must be >= 0 (got {cfg.scan_tokens})",
+        ),
     ]
     for ok, msg in checks:
         if not ok:

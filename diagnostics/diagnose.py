@@ -16,7 +16,14 @@ import numpy as np
 import torch
 
 from ..sae.errors import SaekitError
-from ..training.run import MECHANISMS_FILE, History, last_metrics, load_history, load_mechanisms
+from ..training.run import (
+    MECHANISMS_FILE,
+    History,
+    last_metrics,
+    load_history,
+    load_mechanisms,
+    read_metrics,
+)
 from .config import DiagnoseConfig, check_inputs, check_out
 from .contexts import CacheRows, contexts_text, measure_on_cache
 from .features import (
@@ -32,8 +39,10 @@ from .features import (
     vocab_strings,
 )
 from .groups import run_trajectory
-from .report import Report, ReportData, features_csv, jsonable
+from .page import read_evaluation, write_report
+from .report import Report, ReportData
 from .run_info import check_hook, complete_metadata
+from .scan import dashboard_scan
 
 
 class RunInputs(NamedTuple):
@@ -410,20 +419,6 @@ def class_line(summary: dict) -> str:
     return f"{summary['n_features']} features: {dead}, {rare}, {c['live']} live"
 
 
-def write_report(out: Path, data: ReportData) -> None:
-    """features.csv, summary.json and report.html, each written atomically."""
-    from ..sae.io import atomic_write_bytes, atomic_write_json
-    from .figures import panels
-    from .page import render_page
-
-    table = features_csv(data)
-    page = render_page(data, panels(data))
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "features.csv", table.encode())
-    atomic_write_json(out / "summary.json", jsonable(data.summary))
-    atomic_write_bytes(out / "report.html", page.encode())
-
-
 def diagnose(cfg: DiagnoseConfig) -> Report:
     """Write report.html, features.csv and summary.json into cfg.out; returns the Report."""
     from ..sae.lock import DirLock, check_not_written
@@ -492,7 +487,10 @@ def _diagnose(cfg: DiagnoseConfig, out: Path, t0: float) -> Report:
         contexts=contexts,
         warnings=warnings,
         ground_truth=gt,
+        metrics=read_metrics(inp.run / "metrics.jsonl"),
+        evaluation=read_evaluation(inp.run),
+        mechanisms=inp.mechanisms,
     )
-    write_report(out, data)
+    write_report(out, data, W_dec, dashboard_scan(cfg, inp))
     print(f"diagnose: {class_line(summary)}; report in {out} ({time.time() - t0:.1f}s)")
     return Report(out)

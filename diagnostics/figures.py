@@ -1,15 +1,15 @@
 """The report's figures: one function per figure, each taking the ReportData and returning a
 `Panel` (title, plotly figure, note), or None when the run has nothing to draw it from.
 
-FIGURES lists them in page order; a new figure is a new function added there. Each figure that
-samples features draws its own sample with --seed, independent of which other figures run.
+The story panels come first (diagnostics/story.py, scatter.py); page.py's FIGURES lists every
+figure in page order: a new figure is a new function added there. Each figure that samples
+features draws its own sample with --seed, independent of which other figures run.
 """
 
 from __future__ import annotations
 
 import html
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -28,13 +28,15 @@ MAX_SCATTER = 20_000  # points in the 3-D scatter
 MAX_HEAT_ROWS = 500  # features in the heat map (evenly spaced ranks when more): ~1 per pixel row
 MAX_HEAT_COLS = 300  # windows (adjacent windows pooled when more)
 MAX_LINES = 20  # trajectories per group in the line plots
+NO_HISTORY = "No density history in the run dir: nothing to draw over training."
 LAYOUT = dict(template="plotly_white", height=420, margin=dict(l=60, r=20, t=50, b=50))
 
 
 class Panel(NamedTuple):
     title: str  # the section heading
-    figure: Any  # plotly.graph_objects.Figure
+    figure: Any  # plotly.graph_objects.Figure, or None: the note says why there is nothing to draw
     note: str  # HTML shown under the heading ("" for none)
+    body: str = ""  # HTML shown under the note (a table)
 
 
 def _log_density_plot(data: ReportData) -> tuple[np.ndarray, float]:
@@ -76,37 +78,13 @@ def _event_shapes(steps: np.ndarray) -> list[dict]:
     ]
 
 
-def density_histogram(data: ReportData) -> Panel:
-    """log10 density histogram by class."""
-    import plotly.graph_objects as go
-
-    logd_plot, floor = _log_density_plot(data)
-    f = go.Figure()
-    for c, name in enumerate(CLASSES):
-        sel = data.classes == c
-        if sel.any():
-            f.add_histogram(
-                x=logd_plot[sel],
-                name=f"{name} ({int(sel.sum())})",
-                marker_color=CLASS_COLOURS[name],
-                nbinsx=80,
-            )
-    f.update_layout(
-        barmode="overlay", xaxis_title="log10 density", yaxis_title="features", **LAYOUT
-    )
-    f.update_traces(opacity=0.75)
-    n_tok = data.summary["window"]["tokens"]
-    note = f"Dead features (zero firings) are drawn at {floor:.2f}, half a decade below 1/{n_tok} tokens."
-    return Panel("Feature density", f, note)
-
-
 def density_heatmap(data: ReportData) -> Panel | None:
     """Every feature's (or an even sample's) log10 density per training window."""
     import plotly.graph_objects as go
 
     hist = data.history
     if hist is None or not len(hist.counts):
-        return None
+        return Panel("Density over training", None, NO_HISTORY)
     c, tok, steps = _pool_windows(hist, MAX_HEAT_COLS)
     ld = _log_density(c, tok)  # [W, F]
     final = np.nan_to_num(ld[-1], nan=-99.0)
@@ -179,9 +157,10 @@ def rare_trajectories(data: ReportData) -> Panel | None:
     """Density over training of a sample of ultra-rare and of control-group features."""
     import plotly.graph_objects as go
 
+    title = "Rare and control-group features over training"
     hist = data.history
     if hist is None or not len(hist.counts):
-        return None
+        return Panel(title, None, NO_HISTORY)
     rng = np.random.default_rng(data.cfg.seed)
     rare = np.flatnonzero((data.classes == ULTRA_RARE) & ~data.control)
     groups = (
@@ -209,6 +188,7 @@ def rare_trajectories(data: ReportData) -> Panel | None:
                 legendgroup=gname,
                 showlegend=j == 0,
                 hovertemplate=f"feature {i}<br>step %{{x}}<br>log10 density %{{y:.2f}}<extra></extra>",
+                customdata=np.full(len(steps), i),
             )
     f.update_layout(
         xaxis_title="training step",
@@ -221,7 +201,9 @@ def rare_trajectories(data: ReportData) -> Panel | None:
         f"Up to {MAX_LINES} features per group, over training windows pooled to resolve the rare "
         f"threshold{span}; gaps are windows with zero firings; dotted lines are resampling events."
     )
-    return Panel("Rare and control-group features over training", f, note)
+    if not f.data:
+        return Panel(title, None, "No ultra-rare or control-group features to draw.")
+    return Panel(title, f, note)
 
 
 def trajectory_outcomes(data: ReportData) -> Panel | None:
@@ -230,9 +212,10 @@ def trajectory_outcomes(data: ReportData) -> Panel | None:
 
     from .trajectory import OUTCOMES
 
+    title = "Trajectory test: falling, settled, died, unresolved"
     t = data.trajectory
     if t is None:
-        return None
+        return Panel(title, None, NO_HISTORY)
     rng = np.random.default_rng(data.cfg.seed)
     f = go.Figure()
     for outcome in OUTCOMES:
@@ -255,6 +238,7 @@ def trajectory_outcomes(data: ReportData) -> Panel | None:
                 legendgroup=outcome,
                 showlegend=j == 0,
                 hovertemplate=f"feature {i} ({t.group[i]}): {outcome}{trend}<br>step %{{x}}<br>log10 density %{{y:.2f}}<extra></extra>",
+                customdata=np.full(len(steps), i),
             )
     f.update_layout(xaxis_title="training step", yaxis_title="log10 density", **LAYOUT)
     note = (
@@ -262,62 +246,14 @@ def trajectory_outcomes(data: ReportData) -> Panel | None:
         "its last resampling or hold-out, its burn-in and, for rare features, the windows that "
         f"chose them). {html.escape(data.summary['trajectory_test']['verdict'])}"
     )
-    return Panel("Trajectory test: falling, settled, died, unresolved", f, note)
-
-
-def _hover_tokens(data: ReportData) -> np.ndarray:
-    """Per feature, its top 3 logit tokens ("" without logit weights), kept short: this text is
-    most of the page's weight at 16k features."""
-    if data.logits is None:
-        return np.full(data.n_features, "", dtype=object)
-    return np.array(
-        [
-            html.escape(" ".join(f"'{data.vocab[t]}'" for t in row[:3]), quote=False)
-            for row in data.logits.top_ids.tolist()
-        ],
-        dtype=object,
-    )
-
-
-def density_bias_de_3d(data: ReportData) -> Panel:
-    """The 3-D scatter of log10 density x encoder bias x D/E projection, coloured by class."""
-    import plotly.graph_objects as go
-
-    n = data.n_features
-    idx = np.arange(n)
-    if n > MAX_SCATTER:
-        idx = np.sort(np.random.default_rng(data.cfg.seed).choice(n, MAX_SCATTER, replace=False))
-    logd_plot, _ = _log_density_plot(data)
-    hover = _hover_tokens(data)
-    bias = data.geometry.encoder_bias.numpy().astype(np.float32)
-    de = data.geometry.de_projection.numpy().astype(np.float32)
-    f = go.Figure()
-    for c, name in enumerate(CLASSES):
-        sel = idx[data.classes[idx] == c]
-        if len(sel):
-            f.add_scatter3d(
-                x=logd_plot[sel],
-                y=bias[sel],
-                z=de[sel],
-                mode="markers",
-                name=name,
-                marker=dict(size=2, color=CLASS_COLOURS[name]),
-                text=hover[sel].tolist(),
-                customdata=sel.astype(np.int32),
-                hovertemplate="feature %{customdata}"
-                + ("<br>top tokens: %{text}" if data.logits is not None else "")
-                + "<br>log10 density %{x:.2f}<br>bias %{y:.3g}<br>D/E %{z:.3g}<extra></extra>",
-            )
-    f.update_layout(
-        scene=dict(
-            xaxis_title="log10 density", yaxis_title="encoder bias", zaxis_title="D/E projection"
-        ),
-        **{**LAYOUT, "height": 600},
-    )
-    note = "Drag to rotate. Dead features sit at the left wall."
-    if n > MAX_SCATTER:
-        note += f" A random {MAX_SCATTER} of {n} features."
-    return Panel("Log density × encoder bias × D/E projection", f, note)
+    if not f.data:
+        return Panel(
+            title,
+            None,
+            "The trajectory test had no members to draw: "
+            + html.escape(data.summary["trajectory_test"]["verdict"]),
+        )
+    return Panel(title, f, note)
 
 
 def _class_histogram(data: ReportData, values: np.ndarray, title: str, x_title: str) -> Panel:
@@ -350,19 +286,3 @@ def de_projection_by_class(data: ReportData) -> Panel:
 def encoder_bias_by_class(data: ReportData) -> Panel:
     bias = data.geometry.encoder_bias.numpy().astype(np.float32)
     return _class_histogram(data, bias, "Encoder bias per class", "encoder bias")
-
-
-FIGURES: tuple[Callable[[ReportData], Panel | None], ...] = (
-    density_histogram,
-    density_heatmap,
-    rare_trajectories,
-    trajectory_outcomes,
-    density_bias_de_3d,
-    de_projection_by_class,
-    encoder_bias_by_class,
-)
-
-
-def panels(data: ReportData) -> list[Panel]:
-    """Every figure the data can draw, in page order."""
-    return [p for fig in FIGURES if (p := fig(data)) is not None]

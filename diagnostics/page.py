@@ -1,21 +1,57 @@
 """report.html: one self-contained page (plotly.js inlined once) assembled from the ReportData
-and the figures' panels: head, summary table, one section per panel, the chosen features."""
+and the figures' panels: the story first (a sentence with the verdict, then FIGURES in order),
+the summary table, the chosen features. A click on any plotted feature opens its dashboard."""
 
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
+from . import figures, scatter, story
 from .features import CLASSES
 from .figures import Panel
-from .report import ReportData
+from .report import ReportData, features_csv, jsonable
+from .story import num, sci
+
+# Page order: the story (bands, histogram, geometry, training, evaluation, ground truth), then
+# the details. A new figure is a function (ReportData -> Panel | None) added here.
+FIGURES: tuple[Callable[[ReportData], Panel | None], ...] = (
+    story.density_bands,
+    story.density_histogram,
+    scatter.density_bias_de_3d,
+    scatter.projections_2d,
+    story.training_curves,
+    story.evaluation,
+    story.recovery_curve,
+    figures.density_heatmap,
+    figures.rare_trajectories,
+    figures.trajectory_outcomes,
+    figures.de_projection_by_class,
+    figures.encoder_bias_by_class,
+)
+
+# A click on a point that carries a feature index (customdata, or a heat map row "f123") opens
+# that feature's dashboard.
+CLICK_THROUGH = (
+    "<script>document.querySelectorAll('.js-plotly-plot').forEach(function(d){"
+    "d.on('plotly_click',function(e){var p=e.points[0],c=p.customdata;"
+    "if(Array.isArray(c))c=c[0];if(c===undefined&&typeof p.y==='string'&&p.y[0]==='f')c=parseInt(p.y.slice(1));"
+    "if(typeof c==='number'&&isFinite(c))window.location.href='features.html#'+c;});});</script>"
+)
+
+
+def panels(data: ReportData) -> list[Panel]:
+    """Every figure the data can draw, in page order."""
+    return [p for fig in FIGURES if (p := fig(data)) is not None]
+
 
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:20px auto;padding:0 12px;color:#222}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}
 .note{color:#555;font-size:90%}.warn{background:#fff3cd;padding:6px 10px;border-left:4px solid #e0a800}
 .err{color:#b00;white-space:pre-wrap}.tok{font-family:monospace;white-space:pre}mark{background:#ffd54f}
-.ctx{font-family:monospace;white-space:pre-wrap;font-size:90%}
+.ctx{font-family:monospace;white-space:pre-wrap;font-size:90%}.story{font-size:112%;line-height:1.45}
 """
 
 # Script errors and console.error calls are shown on the page: a broken plot must not fail
@@ -127,8 +163,36 @@ def _trajectory_rows(t: dict) -> list[tuple[str, object]]:
     return rows
 
 
+def story_head(s: dict) -> str:
+    """The page's opening: what was found, in two sentences (classes, control group, ground
+    truth), and the trajectory test's verdict."""
+    c = s["counts"]
+    rare = (
+        f"ultra-rare (< {s['thresholds']['ultra_rare']:g}) not resolvable in {s['window']['tokens']:,} tokens"
+        if c["ultra_rare"] is None
+        else f"{c['ultra_rare']} ultra-rare (< {s['thresholds']['ultra_rare']:g})"
+    )
+    found = f"{s['n_features']:,} features: {c['dead']} dead, {rare}, {c['live']} live"
+    found += f"; held-out control group {s['held_out']}" if s["held_out"] else "; no control group"
+    gt = s.get("ground_truth")
+    if gt:
+        r = gt["rare"]["live"]
+        found += (
+            f". Against the true features: of {r['n']} live features below "
+            f"{gt['rare']['density_below']:g}, {r['real_rare']} are real rare, {r['absorbed']} "
+            f"absorbed and {r['artifact']} artifacts"
+        )
+    verdict = s["trajectory_test"]["verdict"]
+    return (
+        f"<p class='story'>{html.escape(found)}.</p>"
+        f"<p class='story'><b>Trajectory test:</b> {html.escape(verdict)}</p>"
+        "<p class='note'><a href='features.html'>Every feature's dashboard</a> "
+        "(search by index or token); click any point in a plot to open its feature.</p>"
+    )
+
+
 def summary_table(s: dict) -> str:
-    """The warnings, the trajectory test's verdict and the summary table."""
+    """The warnings and the summary table."""
     rows: list[tuple[str, object]] = [("features", s["n_features"])]
     rows += [(k, _class_cell(s, k)) for k in CLASSES]
     rows += [
@@ -141,8 +205,8 @@ def summary_table(s: dict) -> str:
             "density measured on",
             f"{s['density_source']} ({s['window']['tokens']} tokens; resolves densities ≥ {s['resolvable_threshold']:.3g})",
         ),
-        ("L0", s["l0"]),
-        ("FVU", s["fvu"]),
+        ("L0", num(s["l0"])),
+        ("FVU", num(s["fvu"])),
         ("L0/FVU from", s["l0_fvu_source"]),
     ]
     rows += _geometry_rows(s["geometry"])
@@ -161,7 +225,7 @@ def summary_table(s: dict) -> str:
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
     )
     warn = "".join(f"<p class='warn'>{html.escape(w)}</p>" for w in s["warnings"])
-    return f"<h2>Summary</h2>{warn}<p><b>Trajectory test:</b> {html.escape(t['verdict'])}</p><table>{body}</table>"
+    return f"<h2>Summary</h2>{warn}<table>{body}</table>"
 
 
 def panel_html(k: int, panel: Panel) -> str:
@@ -169,6 +233,10 @@ def panel_html(k: int, panel: Panel) -> str:
     parts = [f"<h2>{html.escape(panel.title)}</h2>"]
     if panel.note:
         parts.append(f"<p class='note'>{panel.note}</p>")
+    if panel.body:
+        parts.append(panel.body)
+    if panel.figure is None:
+        return "\n".join(parts)
     parts.append(
         panel.figure.to_html(
             full_html=False,
@@ -206,17 +274,20 @@ def chosen_features(data: ReportData) -> str:
         out.append("<p>No features to show.</p>")
     for j, i in enumerate(data.chosen):
         out.append(
-            f"<h3>feature {i}: {CLASSES[data.classes[i]]}, density {data.density[i]:.3g}</h3>"
+            f"<h3><a href='features.html#{i}'>feature {i}</a>: {CLASSES[data.classes[i]]}, "
+            f"density {sci(float(data.density[i]))}</h3>"
         )
         if data.logits is not None:
             out.append(_logit_table(data, i))
         if data.contexts is not None and j < len(data.contexts):
             items = [
-                f"<li class='ctx'>{c.activation:.3g}: {html.escape(c.before)}<mark>{html.escape(c.token)}</mark>{html.escape(c.after)}</li>"
+                f"<tr><td>{num(c.activation)}</td><td class='ctx'>{html.escape(c.before)}"
+                f"<mark title='activation {num(c.activation)}'>{html.escape(c.token)}</mark>"
+                f"{html.escape(c.after)}</td></tr>"
                 for c in data.contexts[j]
             ]
             out.append(
-                "<ol>" + "".join(items) + "</ol>"
+                "<table><tr><th>activation</th><th>context</th></tr>" + "".join(items) + "</table>"
                 if items
                 else "<p class='note'>No activations in the measured rows.</p>"
             )
@@ -228,10 +299,46 @@ def render_page(data: ReportData, panels: Sequence[Panel]) -> str:
     parts = [
         head("saekit diagnose report"),
         "<pre id='js-errors' class='err'></pre>",
-        f"<h1>saekit diagnose: {html.escape(data.summary['run'])}</h1>",
-        summary_table(data.summary),
+        f"<h1>saekit report: {html.escape(data.summary['run'])}</h1>",
+        story_head(data.summary),
     ]
-    parts += [panel_html(k, p) for k, p in enumerate(panels)]
+    k = 0  # plot divs are numbered plot-0, plot-1, ... (panels without a figure have none)
+    for p in panels:
+        parts.append(panel_html(k, p))
+        k += p.figure is not None
+    parts.append(summary_table(data.summary))
     parts.append(chosen_features(data))
+    parts.append(CLICK_THROUGH)
     parts.append("<script>saekitShowErrors();</script></body></html>")
     return "\n".join(parts)
+
+
+def read_evaluation(run: Path) -> dict | None:
+    """The run's eval.json (None when absent or unreadable: the page says so)."""
+    import json
+
+    try:
+        return json.loads((run / "eval.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_report(out: Path, data: ReportData, W_dec=None, scanned=None) -> None:
+    """features.csv, summary.json, report.html and (given the decoder) the feature dashboards,
+    each file written atomically."""
+    from ..sae.io import atomic_write_bytes, atomic_write_json
+
+    table = features_csv(data)
+    page = render_page(data, panels(data))
+    files = {}
+    if W_dec is not None:  # built before anything is written: a failure leaves no half report
+        from .dashboard import dashboard_files
+
+        files = dashboard_files(data, W_dec, scanned, data.cfg.cache)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "features.csv", table.encode())
+    atomic_write_json(out / "summary.json", jsonable(data.summary))
+    for name, body in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / name, body)
+    atomic_write_bytes(out / "report.html", page.encode())

@@ -16,7 +16,7 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +101,12 @@ class ReportData:
     """what the reader must know (also summary["warnings"])"""
     ground_truth: GroundTruthScore | None = None
     """the scoring against a synthetic source's true features (None: the run is not synthetic)"""
+    metrics: list[dict] = field(default_factory=list)
+    """metrics.jsonl's lines (the training curves; [] when absent)"""
+    evaluation: dict | None = None
+    """the run's eval.json (None when `saekit evaluate` has not run)"""
+    mechanisms: dict | None = None
+    """mechanisms.safetensors: per window [W, F] checks and window_end_step (None when absent)"""
 
     @property
     def n_features(self) -> int:
