@@ -26,6 +26,7 @@ from .scan import HIST_BINS, HIST_HI, HIST_LO, Scan, active_of, context_text
 
 CHUNK = 256  # features per data file
 N_NEIGHBOURS = 6
+EXACT_NN, PROJ_DIM, N_CANDIDATES = 4096, 64, 32  # nearest(): exact up to EXACT_NN features
 N_TOP = 5  # top examples shown
 N_PER_QUANTILE = 2  # examples from each third of the sampled firings
 OUTCOMES = ("not_tested", "falling", "settled", "died", "unresolved")
@@ -38,14 +39,29 @@ def g3(x: float) -> float | None:
 
 
 def nearest(W_dec: torch.Tensor, n: int = N_NEIGHBOURS, block: int = 2048):
-    """(indices [F, n], cosines [F, n]): each feature's nearest others by decoder cosine."""
-    unit = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    """(indices [F, n], cosines [F, n]): each feature's nearest others by decoder cosine. Above
+    EXACT_NN features the candidates come from a seeded random projection to PROJ_DIM dims
+    (exact cosines of the best N_CANDIDATES re-ranked): a full [F, F, d_in] product would cost
+    more than the rest of diagnose."""
+    unit = W_dec.float() / W_dec.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
     n = min(n, len(unit) - 1)
+    approx = len(unit) > EXACT_NN and unit.shape[1] > PROJ_DIM
+    if approx:
+        g = torch.Generator().manual_seed(0)
+        proj = unit @ torch.randn(unit.shape[1], PROJ_DIM, generator=g)
+        keys = proj / proj.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    else:
+        keys = unit
+    k = min(N_CANDIDATES if approx else n, len(unit) - 1)
     idx, cos = [], []
     for s in range(0, len(unit), block):
-        c = unit[s : s + block] @ unit.T
+        c = keys[s : s + block] @ keys.T
         c[torch.arange(len(c)), torch.arange(s, s + len(c))] = -2.0  # not itself
-        v, i = c.topk(n, dim=1)
+        v, i = c.topk(k, dim=1)
+        if approx:  # exact cosines of the candidates, best n kept
+            v = (unit[s : s + block, None, :] * unit[i]).sum(-1)
+            v, j = v.topk(n, dim=1)
+            i = i.gather(1, j)
         idx.append(i)
         cos.append(v)
     return torch.cat(idx).numpy(), torch.cat(cos).numpy()

@@ -80,8 +80,10 @@ def density_bias_de_3d(data: ReportData) -> Panel:
             f.add_scatter3d(
                 x=logd[sel], y=bias[sel], z=de[sel], mode="markers", visible=k == 0,
                 name=value or "not rare", marker=dict(size=2.5, color=colour),
-                text=hover[sel].tolist() if tok else None, customdata=sel.astype(np.int32),
-                hovertemplate=f"feature %{{customdata}} ({value or 'not rare'}){tok}"
+                # the top tokens only in the first colouring: they are most of the page's weight
+                text=hover[sel].tolist() if tok and k == 0 else None,
+                customdata=sel.astype(np.int32),
+                hovertemplate=f"feature %{{customdata}} ({value or 'not rare'}){tok if k == 0 else ''}"
                 "<br>log10 density %{x:.2f}<br>bias %{y:.3g}<br>D/E %{z:.3g}<extra></extra>",
             )  # fmt: skip
         visible.append([first <= j < len(f.data) for j in range(10_000)])

@@ -25,12 +25,12 @@ from ..sae.errors import SaekitError
 from ..sae.lock import DirLock, empty_dir, entries
 
 DEFAULT_D_IN = 512  # the default model's d_mlp: the width of its mlp_post cache
-# The synthetic demo's source: 64-wide rows, 512 true features whose frequencies run from 0.1
+# The synthetic demo's source: 32-wide rows, 256 true features whose frequencies run from 0.1
 # down to 1e-7, plus planted blocks of rare features; parents with children, so absorption happens.
 SYNTHETIC_SPEC = [
-    "d_in=64",
-    "n_features=512",
-    "planted=3e-4,1e-4,3e-5,1e-5",
+    "d_in=32",
+    "n_features=256",
+    "planted=1e-4,3e-5,1e-5,3e-6",
     "planted_per_block=16",
     "n_parents=16",
     "children_per_parent=2",
@@ -55,21 +55,27 @@ class DemoConfig:
     """with --model default: activations (tokens) to cache (the default corpus' train split
     holds ~950k at context 128)"""
     steps: int | None = None
-    """training steps (None: 900 synthetic, 600 default)"""
+    """training steps (None: 1500 synthetic, 600 default)"""
     batch_size: int | None = None
     """activations per training step (None: 4096 synthetic, 2048 default)"""
     features: int = 1024
     """number of SAE features"""
     l1_coef: float | None = None
     """L1 coefficient in the source's units (None: 0.7 on the default model, about half the
-    trainer's default, which leaves FVU above 0.2 at this short budget; the trainer's default on
-    synthetic activations)"""
+    trainer's default, which leaves FVU above 0.2 at this short budget; 1.6 synthetic, a third
+    above the trainer's default, so more features turn rare within the budget)"""
+    lr: float | None = None
+    """Adam learning rate (None: 5e-3 synthetic, so features sort themselves out within the
+    budget; the trainer's default on the default model)"""
     holdout: float = 0.5
     """fraction of each resampling's picks left alone as a control group"""
-    resample_below: float | None = 1e-4
+    resample_below: float | None = 2e-4
     """with --model synthetic: resample features below this density over the dead window, so
     the control group holds rare features that still fire (the default model uses Anthropic's
     rule: no firing)"""
+    scan_tokens: int = 131_072
+    """with --model synthetic: fresh rows the feature dashboards scan for examples (--model
+    default scans the whole cache)"""
     eval_tokens: int = 65_536
     """tokens of the held-out split (rows of the synthetic source) to evaluate the SAE on"""
     seed: int = 0
@@ -82,7 +88,7 @@ class DemoConfig:
     def resolved(self) -> tuple[int, int]:
         """(steps, batch size) after the per-model defaults."""
         syn = self.model == "synthetic"
-        steps = self.steps if self.steps is not None else (900 if syn else 600)
+        steps = self.steps if self.steps is not None else (1500 if syn else 600)
         batch = self.batch_size if self.batch_size is not None else (4096 if syn else 2048)
         return steps, batch
 
@@ -133,12 +139,15 @@ def _train_config(cfg: DemoConfig, cache: Path | None, run: Path):
         features=cfg.features,
         steps=steps,
         batch_size=batch,
-        l1_coef=cfg.l1_coef if cfg.l1_coef is not None or syn else 0.7,
+        l1_coef=cfg.l1_coef if cfg.l1_coef is not None else (1.6 if syn else 0.7),
+        lr=cfg.lr if cfg.lr is not None or not syn else 5e-3,
         resample="anthropic",
+        # synthetic: resample early (20, 35, 50%) so the control group has half of training left
+        resample_steps=[steps * k // 20 for k in (4, 7, 10)] if syn else None,
         resample_holdout=cfg.holdout,
         resample_below=cfg.resample_below if syn else None,
-        # windows of ~1/30 of training: enough points for a trend, each resolving ~1e-5
-        density_window=max(batch, steps * batch // 30) if syn else None,
+        # windows of ~1/50 of training: enough points for a trend, each resolving ~1e-5
+        density_window=max(batch, steps * batch // 50) if syn else None,
         seed=cfg.seed,
         checkpoint_every=0,
         device=cfg.device,
@@ -161,8 +170,9 @@ def _pipeline(cfg: DemoConfig, out: Path) -> DemoResult:
             run=str(run),
             out=str(out / "report"),
             cache=None if cache is None else str(cache),
-            # the density the classes use: the last windows pooled to ~a third of training
-            min_window_tokens=steps * batch // 3 if syn else 0,
+            # the density the classes use: the last windows pooled to 1e6 tokens (resolves 1e-6)
+            min_window_tokens=10**6 if syn else 0,
+            scan_tokens=cfg.scan_tokens if syn else None,  # None: the whole cache
             device=cfg.device,
         )
     )
