@@ -39,7 +39,7 @@ class Panel(NamedTuple):
     body: str = ""  # HTML shown under the note (a table)
 
 
-def _log_density_plot(data: ReportData) -> tuple[np.ndarray, float]:
+def log_density_plot(data: ReportData) -> tuple[np.ndarray, float]:
     """log10 density per feature with dead features at `floor`, half a decade below what the
     window resolves (so they show on a log axis), and that floor."""
     with np.errstate(divide="ignore"):
@@ -69,7 +69,7 @@ def _log_density(c: np.ndarray, tok: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(d), d, np.nan).astype(np.float32)
 
 
-def _event_shapes(steps: np.ndarray) -> list[dict]:
+def event_shapes(steps: np.ndarray) -> list[dict]:
     """Dotted vertical lines at the (first 100) resampling events."""
     line = dict(color="#999", dash="dot", width=1)
     return [
@@ -104,7 +104,7 @@ def density_heatmap(data: ReportData) -> Panel | None:
     f.update_layout(
         xaxis_title="training step (window end)",
         yaxis_title="features, sorted by final density",
-        shapes=_event_shapes(hist.resample_steps.numpy()),
+        shapes=event_shapes(hist.resample_steps.numpy()),
         **{**LAYOUT, "height": 500},
     )
     f.update_yaxes(showticklabels=False)
@@ -193,7 +193,7 @@ def rare_trajectories(data: ReportData) -> Panel | None:
     f.update_layout(
         xaxis_title="training step",
         yaxis_title="log10 density",
-        shapes=_event_shapes(hist.resample_steps.numpy()),
+        shapes=event_shapes(hist.resample_steps.numpy()),
         **LAYOUT,
     )
     span = "" if tok is None else f" ({int(tok.min())}-{int(tok.max())} tokens each)"

@@ -10,7 +10,7 @@ import html
 import numpy as np
 
 from .features import CLASSES
-from .figures import CLASS_COLOURS, LAYOUT, MAX_SCATTER, OUTCOME_COLOURS, Panel, _log_density_plot
+from .figures import CLASS_COLOURS, LAYOUT, MAX_SCATTER, OUTCOME_COLOURS, Panel, log_density_plot
 from .report import ReportData
 
 GT_COLOURS = {
@@ -64,7 +64,7 @@ def density_bias_de_3d(data: ReportData) -> Panel:
     import plotly.graph_objects as go
 
     idx = _points(data)
-    logd, _ = _log_density_plot(data)
+    logd, _ = log_density_plot(data)
     bias = data.geometry.encoder_bias.numpy().astype(np.float32)
     de = data.geometry.de_projection.numpy().astype(np.float32)
     hover = _hover_tokens(data)
@@ -115,7 +115,7 @@ def projections_2d(data: ReportData) -> Panel:
     from plotly.subplots import make_subplots
 
     idx = _points(data)
-    logd, _ = _log_density_plot(data)
+    logd, _ = log_density_plot(data)
     cols = {
         "log10 density": logd,
         "encoder bias": data.geometry.encoder_bias.numpy().astype(np.float32),

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .figures import LAYOUT, Panel, _event_shapes, display_windows
+from .figures import LAYOUT, Panel, display_windows, event_shapes
 from .report import ReportData
 
 # Density bands of the band plot: (label, lower bound inclusive, colour); dead is zero firings.
@@ -77,7 +77,7 @@ def density_bands(data: ReportData) -> Panel:
     f.update_layout(
         xaxis_title="training step (window end)",
         yaxis_title="features",
-        shapes=_event_shapes(hist.resample_steps.numpy()),
+        shapes=event_shapes(hist.resample_steps.numpy()),
         **LAYOUT,
     )
     res = 1.0 / tok.max()

@@ -648,7 +648,7 @@ def test_demo_failing_midway_leaves_out_as_it_was(world, tmp_path):
             "saekit.activations.cache_writer.choose_contexts", side_effect=SaekitError("too few")
         ):
             with pytest.raises(SaekitError):
-                demo(DemoConfig(out=str(out), tokens=10**9))
+                demo(DemoConfig(out=str(out), model="default", tokens=10**9))
         assert snapshot(out) == (None if out.name == "fresh" else {})
 
 
