@@ -132,7 +132,7 @@ function render(r) {
   var head = "<h2>Feature " + r.i + " <span class='tag'>" + esc(r.c) + "</span>" + (r.h ? " <span class='tag'>control group</span>" : "") + "</h2>" +
     "<p>density " + sci(r.d) + " &middot; trajectory: " + esc(t) + (r.t && r.t[0] !== null ? ", trend " + g3(r.t[0]) + " [" + g3(r.t[1]) + ", " + g3(r.t[2]) + "] decades per 1e7 tokens" : "") +
     " &middot; encoder bias " + g3(r.b) + " &middot; D/E " + g3(r.de) + " &middot; enc/dec cosine " + g3(r.cos) + " &middot; margin " + g3(r.m) + "</p>";
-  if (r.gt) head += "<p>ground truth: " + (r.gt.true >= 0 ? "matches true feature #" + r.gt.true + " (true frequency " + sci(r.gt.p) + ", decoder cosine " + g3(r.gt.cos) + ")" : "matches no true feature (best cosine " + g3(r.gt.cos) + ")") + (r.gt.label ? "; class <b>" + esc(r.gt.label) + "</b>" : "") + "</p>";
+  if (r.gt) head += "<p>ground truth: " + (r.gt.true >= 0 ? "matches true feature #" + r.gt.true + " (true frequency " + sci(r.gt.p) + ", decoder cosine " + g3(r.gt.cos) + ")" : "matches no true feature: the nearest, #" + r.gt.best + ", is at decoder cosine " + g3(r.gt.cos) + ", below the matching threshold") + (r.gt.label ? "; class <b>" + esc(r.gt.label) + "</b>" : "") + "</p>";
   var nn = r.nn ? r.nn.map(function (p) { return flink(p[0]) + " (" + p[1].toFixed(2) + ")"; }).join(", ") : "none";
   document.getElementById("dash").innerHTML = head + "<div class='grid'>" +
     box("Activation histogram", histogramBox(r)) + box("Density over training", densityBox(r)) +

@@ -162,8 +162,10 @@ def feature_records(
             r["hs"] = [int(nz[0]), *h[nz[0] : nz[-1] + 1].tolist()] if len(nz) else []
         if gt is not None:
             j = int(gt.matching.true_of[i])
-            r["gt"] = {"true": j, "p": g3(float(gt.p_true[i])), "cos": g3(float(gt.matching.cos[i])),
-                       "label": gt.label[i]}  # fmt: skip
+            m = gt.matching  # unmatched: the nearest true feature, below the threshold
+            r["gt"] = {"true": j, "p": g3(float(gt.p_true[i])), "label": gt.label[i],
+                       "cos": g3(float(m.cos[i] if j >= 0 else m.best_cos[i])),
+                       "best": int(m.best_true[i])}  # fmt: skip
         recs.append(r)
     return recs
 
