@@ -26,7 +26,7 @@ from .scan import HIST_BINS, HIST_HI, HIST_LO, Scan, active_of, context_text
 
 CHUNK = 256  # features per data file
 N_NEIGHBOURS = 6
-EXACT_NN, PROJ_DIM, N_CANDIDATES = 4096, 64, 32  # nearest(): exact up to EXACT_NN features
+EXACT_NN, PROJ_DIM, N_CANDIDATES = 4096, 32, 32  # nearest(): exact up to EXACT_NN features
 N_TOP = 5  # top examples shown
 N_PER_QUANTILE = 2  # examples from each third of the sampled firings
 OUTCOMES = ("not_tested", "falling", "settled", "died", "unresolved")
@@ -109,7 +109,7 @@ def _examples_json(data: ReportData, scan: Scan | None, cache: str | None) -> li
     ex = [examples(scan, i) for i in range(data.n_features)]
     rows = np.array([r for e in ex for _, _, r in e], dtype=np.int64)
     if "context" in scan.where and cache is not None:
-        texts = iter(context_text(cache, scan.where, rows, data.vocab))
+        texts = iter(context_text(scan.where, rows, data.vocab))
         return [[[w, g3(a), *next(texts)] for w, a, _ in e] for e in ex]
     active = iter(active_of(scan.where, rows))
     return [[[w, g3(a), next(active)[:8]] for w, a, _ in e] for e in ex]

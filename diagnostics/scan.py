@@ -4,7 +4,7 @@ Python loop over features). Rare features need many rows to fire at all: the pas
 cache, or --scan-tokens rows of it, or that many fresh rows of a synthetic run's source.
 
 Rows are identified by their index in the pass. For a cache the pass keeps each row's context id
-and position (for the text around it); for a synthetic source, each row's true active set (for
+and token (for the text around it); for a synthetic source, each row's true active set (for
 the true features behind a firing)."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class Scan(NamedTuple):
     top_row: Tensor  # int64 [F, k]: their rows (-1: none)
     sample_val: Tensor  # float32 [F, r]: a uniform sample of each feature's firings (0: none)
     sample_row: Tensor  # int64 [F, r]: their rows (-1: none)
-    where: dict  # per row: cache "context"/"position" int64 [n], or synthetic "row_ptr"/"feature"
+    where: dict  # per row: cache "context"/"tokens" [n], or synthetic "row_ptr" (counts)/"feature"
 
 
 def _update_top(
@@ -100,15 +100,15 @@ def scan(
 
 
 def cache_batches(cache_dir: str | Path, batch_size: int) -> Iterator[tuple[Tensor, dict]]:
-    """A cache's rows in order, shard by shard, with each row's context id and position."""
+    """A cache's rows in order, shard by shard, with each row's token and context id."""
     from ..activations.cache_reader import CacheReader
 
     reader = CacheReader(cache_dir, batch_size=1)
     for i in range(len(reader.shards)):
         t = reader.load_shard(i)
-        acts, ctx, pos = t["activations"], t["context"].long(), t["position"].long()
+        acts, ctx, tok = t["activations"], t["context"].long(), t["tokens"].int()
         for s in range(0, len(acts), batch_size):
-            info = {"context": ctx[s : s + batch_size], "position": pos[s : s + batch_size]}
+            info = {"context": ctx[s : s + batch_size], "tokens": tok[s : s + batch_size]}
             yield acts[s : s + batch_size].float(), info
 
 
@@ -129,32 +129,26 @@ def active_of(where: dict, rows: np.ndarray) -> list[list[int]]:
     return [feat[ptr[i] : ptr[i + 1]].tolist() if i >= 0 else [] for i in rows.tolist()]
 
 
-def context_text(cache_dir: str | Path, where: dict, rows: np.ndarray, vocab: list[str],
-                 before: int = 10, after: int = 3) -> list[tuple[str, str, str]]:  # fmt: skip
-    """(text before, the token, text after) of each of `rows` (cache scans), from the cache's
-    contexts.safetensors; ("", "", "") for -1."""
-    from ..activations.cache_format import CONTEXTS
-    from ..sae.io import load_safetensors
-
-    t = load_safetensors(Path(cache_dir) / CONTEXTS)
-    ids, toks = t["context"].long().numpy(), t["tokens"].long().numpy()
-    order = np.argsort(ids)
+def context_text(
+    where: dict, rows: np.ndarray, vocab: list[str], before: int = 10, after: int = 3
+) -> list[tuple[str, str, str]]:
+    """(text before, the token, text after) of each of `rows` (cache scans): a cache holds a
+    context's rows one after another, so the neighbours of a row in the same context are the
+    rows beside it; ("", "", "") for -1."""
+    ctx, tok = where["context"].numpy(), where["tokens"].numpy()
+    n = len(ctx)
+    text = lambda ids: "".join(vocab[i] if i < len(vocab) else f"<{i}>" for i in ids)  # noqa: E731
     out = []
-    for row in rows.tolist():
-        if row < 0:
+    for r in rows.tolist():
+        if r < 0:
             out.append(("", "", ""))
             continue
-        c, p = int(where["context"][row]), int(where["position"][row])
-        j = order[np.searchsorted(ids, c, sorter=order)]
-        seq = toks[j]
-        text = lambda a: "".join(vocab[int(i)] if int(i) < len(vocab) else f"<{int(i)}>" for i in a)  # noqa: E731
-        out.append(
-            (
-                text(seq[max(0, p - before) : p]),
-                text(seq[p : p + 1]),
-                text(seq[p + 1 : p + 1 + after]),
-            )
-        )
+        lo, hi = max(0, r - before), min(n, r + after + 1)
+        same = ctx[lo:hi] == ctx[r]
+        ids = tok[lo:hi].tolist()
+        pre = [i for i, k in zip(ids[: r - lo], same[: r - lo], strict=True) if k]
+        post = [i for i, k in zip(ids[r - lo + 1 :], same[r - lo + 1 :], strict=True) if k]
+        out.append((text(pre), text([int(tok[r])]), text(post)))
     return out
 
 

@@ -484,8 +484,12 @@ def test_fresh_density_and_top_contexts_from_a_cache(planted, tmp_path):
     before = h.escape(
         "".join(vocab[int(t)] for t in tokens[1234 - 12 + 0 : 1234])
     )  # same context: 1200..1249
-    assert f"{before}<mark>{tok}</mark>" in html
-    assert "9: " in html  # the top activation's value heads its line
+    assert f"{before}<mark title='activation 9'>{tok}</mark>" in html
+    assert "<td>9</td><td class='ctx'>" in html  # the top activation's value: its own column
+    assert f"9: {before}" not in html  # (not a prefix that reads like a verse reference)
+    # the dashboards scanned the whole cache: the same row heads its examples
+    chunks = "".join(p.read_text() for p in sorted((out / "features").glob("f-*.js")))
+    assert json.dumps(vocab[int(tokens[1234])], ensure_ascii=False) in chunks
 
 
 def test_cli_diagnose_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
