@@ -297,9 +297,11 @@ def chosen_features(data: ReportData) -> str:
 def render_page(data: ReportData, panels: Sequence[Panel]) -> str:
     """The whole of report.html."""
     parts = [
-        head("saekit diagnose report"),
+        head(f"saekit report: {Path(data.summary['run']).name}"),
         "<pre id='js-errors' class='err'></pre>",
-        f"<h1>saekit report: {html.escape(data.summary['run'])}</h1>",
+        # the run dir's name reads as a title; its full path (a temp dir, a home) goes on hover
+        f"<h1 title='{html.escape(data.summary['run'])}'>saekit report: "
+        f"{html.escape(Path(data.summary['run']).name)}</h1>",
         story_head(data.summary),
     ]
     k = 0  # plot divs are numbered plot-0, plot-1, ... (panels without a figure have none)

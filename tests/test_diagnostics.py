@@ -142,6 +142,10 @@ def test_planted_run_features_csv_and_summary(planted, tmp_path):
     assert s["logit_weights"]["direct_path_caveat"] is None  # resid_post of the last layer
     html = (out / "report.html").read_text()
     assert html.count("plotly.js v") == 1 and escape(dt["verdict"]) in html
+    run_name = Path(s["run"]).name  # the title names the run dir; its full path only on hover
+    assert (
+        f">saekit report: {run_name}</h1>" in html and f"<title>saekit report: {run_name}<" in html
+    )
 
 
 def test_resolvable_threshold_warning_and_pooling(planted, tmp_path):
