@@ -79,3 +79,24 @@ def test_calibration_runs_on_a_regime_given_as_tokens_x_windows():
     for bad in ("131072", "x31", "131072x1", "ax3"):
         with pytest.raises(SaekitError, match="TOKENSxWINDOWS"):
             parse_regime(bad)
+
+
+def test_rare_feature_overwrite_removes_only_its_own_entries(tmp_path):
+    from saekit.scripts.experiments.rare_features import clear_out
+
+    out, other = tmp_path / "exp", tmp_path / "other"
+    (out / "run").mkdir(parents=True)
+    (out / "run" / "sae.safetensors").write_bytes(b"x")
+    (out / "experiment.json").write_text("{}")
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    (out / "report").symlink_to(other, target_is_directory=True)
+    with pytest.raises(SaekitError, match="not empty"):
+        clear_out(out, overwrite=False)
+    clear_out(out, overwrite=True)
+    assert list(out.iterdir()) == [] and (other / "keep.txt").read_text() == "mine"
+    (out / "thesis.tex").write_text("years of work")
+    (out / "run").mkdir()
+    with pytest.raises(SaekitError, match="thesis.tex"):
+        clear_out(out, overwrite=True)
+    assert (out / "thesis.tex").exists() and (out / "run").is_dir()

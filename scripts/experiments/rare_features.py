@@ -70,12 +70,7 @@ def rare_feature_experiment(cfg: RareFeatureConfig) -> Path:
     out = Path(cfg.out)
     if not all(0 < f < 1 for f in cfg.resample_at):
         raise SaekitError(f"--resample-at fractions must be in (0, 1), got {cfg.resample_at}")
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise SaekitError(f"{out} is not empty; pass --overwrite or another --out")
-        if not (out / "cache").is_dir():
-            raise SaekitError(f"{out} does not look like an experiment dir; refusing to delete it")
-        shutil.rmtree(out)
+    clear_out(out, cfg.overwrite)
     t0 = time.perf_counter()
     cache = build_cache(
         CacheConfig(
@@ -117,22 +112,7 @@ def rare_feature_experiment(cfg: RareFeatureConfig) -> Path:
         )
     ).path
     summary = json.loads((report / "summary.json").read_text())
-    doc = {
-        "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
-        "resample_steps": resample_steps,
-        "seconds": time.perf_counter() - t0,
-        "counts": summary["counts"],
-        "held_out": summary.get("held_out"),
-        "window": summary.get("window"),
-        "l0": ev.metrics["l0"],
-        "fvu_pooled": ev.metrics["fvu_pooled"],
-        "loss_recovered_zero": ev.metrics["loss_recovered_zero"],
-        "loss_recovered_mean": ev.metrics["loss_recovered_mean"],
-        "trajectory_test": summary.get("trajectory_test"),
-        "geometry": summary.get("geometry"),
-        "report": str(report / "report.html"),
-        "anthropic_a1": {"features": 4096, "dead": 168, "ultra_rare": 292},
-    }
+    doc = record(cfg, resample_steps, t0, summary, ev.metrics, report)
     atomic_write_json(out / "experiment.json", doc)
     c = summary["counts"]
     print(
@@ -143,6 +123,57 @@ def rare_feature_experiment(cfg: RareFeatureConfig) -> Path:
     print(f"verdict: {(summary.get('trajectory_test') or {}).get('verdict')}")
     print(f"report: {doc['report']}")
     return out
+
+
+OWN = ("cache", "run", "report", "experiment.json")  # everything the experiment writes in --out
+
+
+def clear_out(out: Path, overwrite: bool) -> None:
+    """Make --out ready: empty, or (with --overwrite) an old experiment dir whose own entries
+    are removed; anything else in it is the user's, so the dir is refused, never deleted."""
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise SaekitError(f"{out} is not empty; pass --overwrite or another --out")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN)
+    if foreign:
+        raise SaekitError(
+            f"{out} holds {foreign[0]!r}, which this experiment did not write; "
+            "refusing to overwrite it: pass an empty or new --out"
+        )
+    for name in OWN:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()  # a file, or a link (never its target)
+
+
+def record(
+    cfg: RareFeatureConfig,
+    resample_steps: list[int],
+    t0: float,
+    summary: dict,
+    metrics: dict,
+    report: Path,
+) -> dict:
+    """experiment.json: the config, the class counts, the test's verdict, the quality."""
+    return {
+        "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+        "resample_steps": resample_steps,
+        "seconds": time.perf_counter() - t0,
+        "counts": summary["counts"],
+        "held_out": summary.get("held_out"),
+        "window": summary.get("window"),
+        "l0": metrics["l0"],
+        "fvu_pooled": metrics["fvu_pooled"],
+        "loss_recovered_zero": metrics["loss_recovered_zero"],
+        "loss_recovered_mean": metrics["loss_recovered_mean"],
+        "trajectory_test": summary.get("trajectory_test"),
+        "geometry": summary.get("geometry"),
+        "report": str(report / "report.html"),
+        "anthropic_a1": {"features": 4096, "dead": 168, "ultra_rare": 292},
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
