@@ -69,16 +69,32 @@ def _spread_directions(D: Tensor, max_cos: float, iters: int = 3000) -> Tensor:
 def _distinct(
     rng: np.random.Generator, group: np.ndarray, high: np.ndarray, n_groups: int
 ) -> np.ndarray:
-    """Sorted keys `value * n_groups + group`, one per entry of `group`, with values uniform in
-    [0, high[group]) and distinct within a group. Collisions are redrawn until none remain; the
-    procedure is symmetric in the values, so each group's set is a uniformly random subset."""
-    keys = np.sort(rng.integers(0, high[group]) * n_groups + group)
+    """Sorted keys `value * n_groups + group`, one per entry of `group` (ascending), with values
+    uniform in [0, high[group]) and distinct within a group. Collisions are redrawn until none
+    remain; the procedure is symmetric in the values, so each group's set is a uniformly random
+    subset. The keys depend only on the draws, not on how they are sorted."""
+    values = _uniform(rng, high[group])
+    if len(values) and values.max() < 2**16:  # a stable radix sort by value keeps groups ascending
+        keys = (values * n_groups + group)[np.argsort(values.astype(np.uint16), kind="stable")]
+    else:
+        keys = np.sort(values * n_groups + group)
     while len(dup := np.flatnonzero(keys[1:] == keys[:-1]) + 1):
         g = keys[dup] % n_groups
-        keys = np.sort(
-            np.concatenate([np.delete(keys, dup), rng.integers(0, high[g]) * n_groups + g])
-        )
+        keys = _merge(np.delete(keys, dup), _uniform(rng, high[g]) * n_groups + g)
     return keys
+
+
+def _uniform(rng: np.random.Generator, high: np.ndarray) -> np.ndarray:
+    """rng.integers(0, high): one scalar bound draws the same numbers as an array of it, faster."""
+    if len(high) and high.min() == high.max():
+        return rng.integers(0, int(high[0]), len(high))
+    return rng.integers(0, high)
+
+
+def _merge(keys: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """np.sort(np.concatenate([keys, new])) for sorted `keys`, in O(len(keys)) when `new` is short."""
+    new = np.sort(new)
+    return np.insert(keys, np.searchsorted(keys, new), new)
 
 
 class ActiveSet(NamedTuple):
@@ -182,11 +198,11 @@ class SyntheticSource:
         )
         if len(self._dense):
             r, c = np.nonzero(rng.random((B, len(self._dense))) < self.p.numpy()[self._dense])
-            keys = np.sort(np.concatenate([keys, r * N + self._dense[c]]))
+            keys = _merge(keys, r * N + self._dense[c])
         if forced is not None:
             keys = np.union1d(keys, forced[self.parent.numpy()[forced % N] < 0])
         if len(self._child):
-            keys = np.sort(np.concatenate([keys, self._child_keys(rng, keys)]))
+            keys = _merge(keys, self._child_keys(rng, keys))
         return keys if forced is None else np.union1d(keys, forced)
 
     def _child_keys(self, rng: np.random.Generator, keys: np.ndarray) -> np.ndarray:
