@@ -12,22 +12,17 @@ import importlib.util
 import os
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..sae.errors import SaekitError
+from .local_corpus import SUFFIXES, json_rows, read_documents
 
-# file suffix -> the `datasets` builder that reads it
-BUILDERS = {
-    ".txt": "text",
-    ".jsonl": "json",
-    ".json": "json",
-    ".parquet": "parquet",
-    ".csv": "csv",
-}
 TEST_EVERY = 20  # the default corpus' test split is every 20th chapter
 
 
@@ -76,14 +71,13 @@ def bible_path() -> Path:
 @functools.cache
 def _bible_chapters() -> tuple[str, ...]:
     """The KJV's chapters in canonical book order, each its verses joined with spaces."""
-    verses = datasets.load_dataset("json", data_files=str(bible_path()), split="train")
     chapters: list[list[str]] = []
     last = None
-    for book, chapter, text in zip(verses["book"], verses["chapter"], verses["text"], strict=True):
-        if (book, chapter) != last:
+    for _, verse in json_rows(bible_path()):
+        if (verse["book"], verse["chapter"]) != last:
             chapters.append([])
-            last = (book, chapter)
-        chapters[-1].append(text.strip())
+            last = (verse["book"], verse["chapter"])
+        chapters[-1].append(verse["text"].strip())
     return tuple(" ".join(v) for v in chapters)
 
 
@@ -97,19 +91,32 @@ def default_corpus(split: str = "train") -> datasets.Dataset:
     return datasets.Dataset.from_dict({"text": texts})
 
 
-def _local_files(path: Path) -> tuple[str, list[str]]:
+def _local_files(path: Path) -> list[Path]:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    files = [f for f in files if f.suffix.lower() in BUILDERS and not f.name.startswith(".")]
+    files = [f for f in files if f.suffix.lower() in SUFFIXES and not f.name.startswith(".")]
     if not files:
         raise SaekitError(
-            f"no readable files in {path}: expected {', '.join(BUILDERS)} files (or a folder of them)"
+            f"no readable files in {path}: expected {', '.join(SUFFIXES)} files (or a folder of them)"
         )
-    builders = {BUILDERS[f.suffix.lower()] for f in files}
-    if len(builders) > 1:
+    suffixes = {".json" if f.suffix.lower() == ".jsonl" else f.suffix.lower() for f in files}
+    if len(suffixes) > 1:
         raise SaekitError(
             f"{path} mixes file types ({', '.join(sorted({f.suffix for f in files}))}): keep one kind per folder"
         )
-    return builders.pop(), [str(f) for f in files]
+    return files
+
+
+def _local_split(docs: list[str], dataset: str, split: str) -> datasets.Dataset:
+    """The local corpus' one split `train`, sliced as `split` says (e.g. `train[:90%]`)."""
+    try:
+        spans = datasets.ReadInstruction.from_spec(split).to_absolute({"train": len(docs)})
+    except (ValueError, AssertionError) as e:
+        raise SaekitError(
+            f"cannot read split {split!r} of {dataset}: local data has one split 'train' (slice it like 'train[:90%]'): {str(e).splitlines()[0]}"
+        ) from None
+    if [(s.from_, s.to) for s in spans] != [(0, len(docs))]:
+        docs = [d for s in spans for d in docs[s.from_ : s.to]]
+    return datasets.Dataset.from_dict({"text": docs})
 
 
 def load_texts(
@@ -125,14 +132,15 @@ def load_texts(
     if dataset == "default":
         ds = default_corpus(split)
     elif Path(dataset).expanduser().exists():
-        builder, files = _local_files(Path(dataset).expanduser())
-        try:
-            ds = datasets.load_dataset(builder, data_files={"train": files}, split=split)
-        except ValueError as e:  # unknown split names and bad slices surface as ValueError
+        files = _local_files(Path(dataset).expanduser())
+        if files[0].suffix.lower() == ".txt" and text_column != "text":
             raise SaekitError(
-                f"cannot read split {split!r} of {dataset}: local data has one split 'train' (slice it like 'train[:90%]'): {str(e).splitlines()[0]}"
-            ) from None
-    elif dataset.startswith((".", "/", "~")) or Path(dataset).suffix.lower() in BUILDERS:
+                f"dataset {dataset} has no column {text_column!r}; its columns are ['text'] (.txt files): drop --text-column"
+            )
+        # read directly: a local corpus is not copied into the Hugging Face datasets cache
+        ds = _local_split(read_documents(files, text_column), dataset, split)
+        text_column = "text"
+    elif dataset.startswith((".", "/", "~")) or Path(dataset).suffix.lower() in SUFFIXES:
         raise SaekitError(f"dataset path {dataset} does not exist")
     else:
         if not hub_reachable():
@@ -155,6 +163,67 @@ def load_texts(
     return ds
 
 
+# A document is tokenised in pieces of at most PIECE_CHARS characters, PIECE_BATCH_CHARS at a
+# time: a fast tokenizer keeps ~160 bytes per character of an input (offsets, token strings),
+# so one 20 MB line tokenised whole would cost ~3 GB.
+PIECE_CHARS = 1 << 16
+PIECE_BATCH_CHARS = 1 << 18
+
+
+def _pieces(doc: str, limit: int = PIECE_CHARS) -> Iterator[str]:
+    """`doc` cut into pieces of at most `limit` characters, each cut made at the start of a run
+    of whitespace. Byte-level BPE tokenizers (GPT-2's, SmolLM2's) never merge across such a
+    point, so the pieces' tokens are the document's; a stretch of `limit` characters without
+    whitespace is cut where it reaches the limit."""
+    start, n = 0, len(doc)
+    while n - start > limit:
+        end = start + limit
+        cut = max(doc.rfind(" ", start + 1, end), doc.rfind("\n", start + 1, end))
+        while cut > start + 1 and doc[cut - 1].isspace():
+            cut -= 1
+        cut = end if cut <= start else cut
+        yield doc[start:cut]
+        start = cut
+    yield doc[start:]
+
+
+def _token_chunks(texts: datasets.Dataset, tokenizer, batch_docs: int) -> Iterator[np.ndarray]:
+    """The corpus' token stream (documents joined by BOS) as int64 chunks of bounded size."""
+    bos, started, need_bos = tokenizer.bos_token_id, False, False
+    n = len(texts)
+    bar = tqdm(total=n, desc="tokenising", unit="doc", disable=True if n < 2000 else None)
+    for start in range(0, n, batch_docs):
+        docs = texts[start : start + batch_docs]["text"]
+        for i, doc in enumerate(docs):
+            if not isinstance(doc, str):
+                raise SaekitError(
+                    f"document {start + i} of the corpus is {doc!r} ({type(doc).__name__}), not text; fix that row or pass --text-column NAME"
+                )
+        batch: list[tuple[bool, str]] = []  # (first piece of its document, piece)
+        for doc in docs:
+            batch.extend((j == 0, p) for j, p in enumerate(_pieces(doc)))
+        while batch:
+            take, chars = 0, 0
+            while take < len(batch) and (
+                take == 0 or chars + len(batch[take][1]) <= PIECE_BATCH_CHARS
+            ):
+                chars += len(batch[take][1])
+                take += 1
+            part, batch = batch[:take], batch[take:]
+            # verbose=False: long documents are fine, we cut them into rows ourselves
+            ids = tokenizer([p for _, p in part], add_special_tokens=False, verbose=False)
+            out: list[int] = []
+            for (first, _), piece in zip(part, ids["input_ids"], strict=True):
+                need_bos = started if first else need_bos
+                if piece:  # blank lines of a .txt file are empty documents: they add nothing
+                    out.extend([bos] if need_bos else [])
+                    out.extend(piece)
+                    started, need_bos = True, False
+            yield np.asarray(out, dtype=np.int64)
+        bar.update(len(docs))
+    bar.close()
+
+
 def tokenize_contexts(
     texts: datasets.Dataset,
     tokenizer,
@@ -168,7 +237,8 @@ def tokenize_contexts(
     BOS as the separator, the stream is cut into rows of `context_size - 1` tokens (the
     incomplete last row is dropped), and each row is prefixed with BOS. With `max_tokens`,
     tokenising stops as soon as there are enough rows to hold `max_tokens` tokens
-    (ceil(max_tokens / context_size) rows), so a small cache of a huge corpus is quick.
+    (ceil(max_tokens / context_size) rows), so a small cache of a huge corpus is quick. Long
+    documents are tokenised in pieces (`_pieces`), so memory stays ~16 bytes per token.
     """
     bos = tokenizer.bos_token_id
     if bos is None:
@@ -179,28 +249,25 @@ def tokenize_contexts(
         raise SaekitError(f"context size must be at least 2, not {context_size}")
     row_len = context_size - 1
     want_rows = None if max_tokens is None else max(1, -(-max_tokens // context_size))
-    stream: list[int] = []
-    n = len(texts)
-    bar = tqdm(total=n, desc="tokenising", unit="doc", disable=True if n < 2000 else None)
-    for start in range(0, n, batch_docs):
-        docs = texts[start : start + batch_docs]["text"]
-        # verbose=False: long documents are fine, we cut them into rows ourselves
-        for ids in tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]:
-            if not ids:  # blank lines of a .txt file are empty documents
-                continue
-            if stream:
-                stream.append(bos)
-            stream.extend(ids)
-        bar.update(len(docs))
-        if want_rows is not None and len(stream) >= want_rows * row_len:
+    chunks, n_tok = [], 0
+    for chunk in _token_chunks(texts, tokenizer, batch_docs):
+        chunks.append(chunk)
+        n_tok += len(chunk)
+        if want_rows is not None and n_tok >= want_rows * row_len:
             break
-    bar.close()
-    n_rows = len(stream) // row_len
+    n_rows = n_tok // row_len
     if want_rows is not None:
         n_rows = min(n_rows, want_rows)
     if n_rows == 0:
         raise SaekitError(
-            f"the corpus has {len(stream)} tokens, fewer than one context of {context_size}: use more text or a smaller --context-size"
+            f"the corpus has {n_tok} tokens, fewer than one context of {context_size}: use more text or a smaller --context-size"
         )
-    body = torch.tensor(stream[: n_rows * row_len], dtype=torch.int64).view(n_rows, row_len)
-    return torch.cat([torch.full((n_rows, 1), bos, dtype=torch.int64), body], dim=1)
+    body, at = torch.empty(n_rows * row_len, dtype=torch.int64), 0
+    chunks.reverse()
+    while chunks:  # each chunk freed once copied: the stream is held about once
+        chunk = chunks.pop()
+        take = min(len(chunk), len(body) - at)
+        body[at : at + take] = torch.from_numpy(chunk[:take])
+        at += take
+    bos_col = torch.full((n_rows, 1), bos, dtype=torch.int64)
+    return torch.cat([bos_col, body.view(n_rows, row_len)], dim=1)
