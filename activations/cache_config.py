@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..sae.errors import SaekitError, check_device
+from ..sae.errors import SaekitError, check_device, check_seed
 from ..sae.lock import LOCK_FILE, entries
 from .cache_format import CONTEXTS, DTYPES, MANIFEST
 from .sites import Site
@@ -116,6 +116,7 @@ def check_config(cfg: CacheConfig) -> None:
         raise SaekitError(
             f"--context-size must be at least 2 (BOS + a token), not {cfg.context_size}"
         )
+    check_seed(cfg.seed)
     if not 0 < cfg.shard_mb < float("inf"):  # also refuses nan
         raise SaekitError(f"--shard-mb must be a positive number of MB, not {cfg.shard_mb}")
     check_device(cfg.device)

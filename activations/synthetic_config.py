@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..sae.errors import SaekitError
+from ..sae.errors import SEED_MAX, SaekitError
 
 CONTROL_FLOOR = 1e-3  # artifact_control: no true feature is rarer than this
 
@@ -94,7 +94,8 @@ class SyntheticConfig:
         rules: list[tuple[str, Any, str]] = [
             ("d_in", lambda v: whole(v) and v >= 1, "an integer >= 1"),
             *((n, whole, "an integer >= 0") for n in ("n_features", "planted_per_block",
-              "n_parents", "children_per_parent", "seed")),
+              "n_parents", "children_per_parent")),
+            ("seed", lambda v: whole(v) and v <= SEED_MAX, f"an integer from 0 to {SEED_MAX}"),
             ("p_max", prob, "in (0, 1)"),
             ("p_min", lambda v: prob(v) and v <= self.p_max, "in (0, p_max]"),
             ("tail_exponent", num, "a number"),

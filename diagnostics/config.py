@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..sae.errors import SaekitError, check_device
+from ..sae.errors import SaekitError, check_device, check_seed
 
 REPORT_FILES = ("report.html", "features.csv", "summary.json")  # what a report dir holds
 
@@ -142,6 +142,7 @@ def check_config(cfg: DiagnoseConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise SaekitError(msg)
+    check_seed(cfg.seed)
     check_device(cfg.device)
 
 

@@ -30,6 +30,17 @@ def check_device(device: str, flag: str = "--device") -> None:
         raise SaekitError(f"{flag} {device}: saekit runs on cpu, cuda or mps, not {dev.type}")
 
 
+# Seeds go to torch.Generator.manual_seed and numpy's default_rng, often combined with a step or
+# batch index (seed * 1_000_003 + step): 32 bits leave those sums well inside 63.
+SEED_MAX = 2**32 - 1
+
+
+def check_seed(seed: object, flag: str = "--seed") -> None:
+    """SaekitError unless `seed` is an integer from 0 to SEED_MAX."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise SaekitError(f"{flag} {seed} is out of range: give an integer from 0 to {SEED_MAX}")
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every `finally` runs and
     the verb's lock is released; the CLI prints one line and exits 128 + the signal number."""

@@ -256,7 +256,7 @@ def final_line(r: dict) -> str:
 
 def _check_config(cfg: DemoConfig) -> None:
     """SaekitError for any flag out of its range (nan included), before anything is written."""
-    from ..sae.errors import check_device
+    from ..sae.errors import check_device, check_seed
 
     checks = [
         (cfg.tokens >= 1, f"--tokens must be >= 1 (got {cfg.tokens})"),
@@ -277,6 +277,7 @@ def _check_config(cfg: DemoConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise SaekitError(msg)
+    check_seed(cfg.seed)
     check_device(cfg.device)
     # What training will check once the cache exists, checked now (the default model's mlp_post
     # is 512 wide): the trainer's ranges, and that the SAE fits in memory at all.

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..sae.archs import ARCHS, Arch, ArchName
-from ..sae.errors import SaekitError
+from ..sae.errors import SaekitError, check_seed
 
 GEOMEDIAN_ROWS = 16384
 # Per-feature tensors each activation adds to W_enc, b_enc, W_dec (sae/model.py).
@@ -140,6 +140,11 @@ class TrainConfig:
             )
         expansion = self.expansion if self.expansion is not None else 8
         d_sae = self.features if self.features is not None else expansion * d_in
+        check_seed(self.seed)
+        if not 0 < mean_norm < math.inf:  # caches are checked when read; live models here
+            raise SaekitError(
+                f"the {self.source_kind()}'s activations have mean norm {mean_norm}, not a finite number > 0; choose a site whose activations are not all zero"
+            )
         for ok, msg in self._checks(arch, expansion, d_sae):
             if not ok:
                 raise SaekitError(msg)
@@ -208,7 +213,6 @@ class TrainConfig:
                 f"--resample-holdout must be in [0, 1) (got {self.resample_holdout})",
             ),
             (self.resample_inputs >= 1, "--resample-inputs must be >= 1"),
-            (self.seed >= 0, f"--seed must be >= 0 (got {self.seed})"),
             (
                 self.resample_below is None or 0 < self.resample_below <= 1,
                 f"--resample-below must be a density in (0, 1] (got {self.resample_below})",
