@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -132,6 +133,7 @@ def read_manifest(cache_dir: str | Path) -> dict:
             f"cache {d} is incomplete ({m.get('n_tokens', 0)} of {m.get('target_tokens', '?')} tokens); finish it with saekit cache --resume --out {d}"
         )
     _check_shard_list(d, m)
+    _check_stats(d, m)
     for s in m["shards"]:
         if not (d / s["file"]).is_file():
             raise SaekitError(
@@ -172,6 +174,20 @@ def _check_shard_list(d: Path, m: dict) -> None:
     if m.get("n_tokens") != rows:
         raise SaekitError(
             f"{bad}: n_tokens is {m.get('n_tokens')} but its shards hold {rows} rows; rebuild the cache"
+        )
+
+
+def _check_stats(d: Path, m: dict) -> None:
+    """stats.mean_norm is a finite number > 0 (it scales the L1 coefficient and the inputs: 0
+    divides by zero, a negative one flips the sparsity penalty's sign)."""
+    st = m.get("stats")
+    v = st.get("mean_norm") if isinstance(st, dict) else None
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
+    if not ok:
+        raise SaekitError(
+            f"{d / MANIFEST}: stats.mean_norm is {v!r}, not a finite number > 0 (edited, or every "
+            "cached activation is zero); rebuild the cache with saekit cache --overwrite, at a "
+            "site whose activations are not all zero"
         )
 
 
