@@ -313,12 +313,9 @@ def load_sae(
     sl_cfg = upgrade_pre6(sl_cfg)
     check_run_cfg(cfg_path, sl_cfg)
     plan = read_plan(cfg_path, sl_cfg, set(tensors))
-    weights = apply_plan(plan, tensors, weights_path)
+    saved = tensors[plan.names["W_enc"]].dtype if plan.names["W_enc"] in tensors else None
+    weights = apply_plan(plan, tensors, weights_path)  # refuses integer and bool weights
     for name, t in weights.items():
-        if not t.is_floating_point():
-            raise SaekitError(
-                f"{weights_path}: {plan.names[name]} has dtype {t.dtype}, not a float; re-run training"
-            )
         n_bad = int((~torch.isfinite(t)).sum())
         if n_bad:
             raise SaekitError(
@@ -358,8 +355,8 @@ def load_sae(
         raise SaekitError(
             f"{cfg_path}: field k is {cfg.k}, more than the SAE's {d_sae} features; fix it or re-run training"
         )
-    saved = weights["W_enc"].dtype
-    sae = SAE(cfg, device=device, dtype=dtype or saved, arch=plan.arch)
+    sae = SAE(cfg, device=device, dtype=dtype or weights["W_enc"].dtype, arch=plan.arch)
+    saved = saved or weights["W_enc"].dtype  # the file's dtype, before cfg.json's cast
     sae.normalize = plan.normalize  # type: ignore[assignment]
     with torch.no_grad():
         for name, t in weights.items():

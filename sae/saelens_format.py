@@ -239,6 +239,11 @@ def apply_plan(plan: Plan, tensors: dict[str, Tensor], weights_path) -> dict[str
             f"{weights_path} lacks {missing[0]!r}, which {plan.arch.saelens_architecture} SAEs need; re-save the SAE"
         )
     out = {ours: tensors[theirs] for ours, theirs in plan.names.items()}
+    for ours, t in out.items():  # before any cast: integer weights are never rounded into floats
+        if not t.is_floating_point():
+            raise SaekitError(
+                f"{weights_path}: {plan.names[ours]} has dtype {t.dtype}, not a float; re-save the SAE with float32, float16 or bfloat16 weights"
+            )
     if plan.dtype is not None:
         out = {k: v.to(plan.dtype) for k, v in out.items()}
     if plan.names.get("threshold") == "log_threshold":
