@@ -92,7 +92,7 @@ def site_mean(
             model.run_with_hooks(toks, fwd_hooks=[(hook_name, grab)], stop_at_layer=layer + 1)
         else:
             model.run_with_hooks(toks, fwd_hooks=[(hook_name, grab)])
-        x = store["x"]
+        x = store["x"].flatten(2)  # [batch, pos, d_in]: a per-head hook's heads side by side
         mask = toks != bos_id if bos_id is not None else torch.ones_like(toks, dtype=torch.bool)
         s = x[mask].double().sum(0)
         total = s if total is None else total + s
@@ -101,9 +101,12 @@ def site_mean(
 
 
 def _splice(model, toks, hook_name: str, store: dict, x: Tensor):
-    """Logits with the hook's activations replaced by x."""
+    """Logits with the hook's activations replaced by x ([batch, pos, d_in]; a per-head hook's
+    [batch, pos, head, d_head] is its view)."""
     store["replace"] = x
-    return model.run_with_hooks(toks, fwd_hooks=[(hook_name, lambda act, hook: store["replace"])])
+    return model.run_with_hooks(
+        toks, fwd_hooks=[(hook_name, lambda act, hook: store["replace"].reshape(act.shape))]
+    )
 
 
 @torch.no_grad()
@@ -143,7 +146,7 @@ def splice_metrics(
         loss_mask = mask[:, :-1]
         logits = model.run_with_hooks(toks, fwd_hooks=[(hook_name, grab)])
         ce_clean, logp_clean = _ce_and_logp(logits, toks)
-        x = store["x"]
+        x = store["x"].flatten(2)  # as the cache flattens it (activations/sites.py)
         ce["clean"] += ce_clean[loss_mask].double().sum().item()
         keep = ~mask.view(*mask.shape, *([1] * (x.dim() - 2)))
         for name, fn in fns.items():
