@@ -144,10 +144,14 @@ def _load_run(cfg: EvaluateConfig) -> tuple[Path, Any, dict]:
     """The run dir, its SAE (eval mode, on cfg.device) and cfg.json's metadata, after checking
     that the metadata names what evaluation needs."""
     from ..sae.io import load_sae
+    from ..training.run import HISTORY_FILE, load_history
 
     run_dir = Path(cfg.run)
     sae, meta = load_sae(run_dir, device=cfg.device, dtype=COMPUTE_DTYPE)
     sae.eval()
+    hist = run_dir / HISTORY_FILE
+    if hist.is_file():  # checked to be this run's before any long work (feature_classes reads it)
+        load_history(hist, sae.W_dec.shape[0])
     meta = complete_metadata(meta, cfg.model, cfg.hook, cfg.context_size)
     flags = {"model_name": "--model", "hook_name": "--hook", "context_size": "--context-size"}
     if meta.get("model_name") == "synthetic":  # synthetic runs need no model, hook or contexts

@@ -62,10 +62,12 @@ def feature_classes(run_dir: Path, fired: Tensor | None = None, n_tokens: int = 
     hist = run_dir / "density_history.safetensors"
     sparsity = run_dir / "sparsity.safetensors"
     if hist.exists():
-        h = load_file(str(hist))
-        if len(h["window_tokens"]) == 0:
+        from ..training.run import load_history
+
+        h = load_history(hist, None if fired is None else len(fired))  # checked to be the run's
+        if len(h.window_tokens) == 0:
             return {"density_source": None}
-        counts, n = h["counts"][-1], int(h["window_tokens"][-1])
+        counts, n = h.counts[-1], int(h.window_tokens[-1])
         density = counts.double() / n
         source = f"density_history.safetensors, last window ({n} tokens)"
     elif sparsity.exists():

@@ -29,6 +29,7 @@ from .distributed import ReducedDensityTracker, World, average_grads, local_slic
 from .mechanisms import FILE as MECHANISMS_FILE
 from .mechanisms import MechanismTracker
 from .resample import anthropic_resample, event_seed
+from .run import FINGERPRINT, run_fingerprint
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -41,14 +42,9 @@ def sae_metadata(source, cfg: TrainConfig, arch: str, d_in: int, d_sae: int) -> 
     train_config["cache"] = Path(cfg.cache).name if cfg.cache is not None else None
     if cfg.synthetic:  # files by name; the full spec is in metadata.source.spec
         train_config["synthetic"] = [s if "=" in s else Path(s).name for s in cfg.synthetic]
-    return {
-        **meta,
-        "prepend_bos": True,
-        "arch": arch,
-        "d_in": d_in,
-        "d_sae": d_sae,
-        "train_config": train_config,
-    }
+    meta = {**meta, "prepend_bos": True, "arch": arch, "d_in": d_in, "d_sae": d_sae,
+            "train_config": train_config}  # fmt: skip
+    return {**meta, FINGERPRINT: run_fingerprint(meta)}
 
 
 class Trainer:
@@ -402,6 +398,7 @@ class Trainer:
                 "batch_size": str(cfg.batch_size),
                 "d_sae": str(res.d_sae),
                 "dead_window_steps": str(res.dead_window),
+                FINGERPRINT: meta[FINGERPRINT],
             },
         )
         if self.mechanisms is not None:

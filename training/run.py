@@ -6,7 +6,9 @@ diagnostics reads them through the package that writes them.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -15,6 +17,10 @@ import torch
 from ..sae.errors import SaekitError
 
 HISTORY_FILE = "density_history.safetensors"
+# The key, in cfg.json's metadata and in the history's safetensors metadata, of the fingerprint
+# that binds a density history to its run (`run_fingerprint`).
+FINGERPRINT = "run_fingerprint"
+_noted: set[str] = set()  # histories without a fingerprint already mentioned
 MECHANISMS_FILE = "mechanisms.safetensors"
 METRICS_FILE = "metrics.jsonl"
 
@@ -30,8 +36,50 @@ class History(NamedTuple):
     metadata: dict
 
 
-def load_history(path: str | Path, d_sae: int) -> History:
-    """density_history.safetensors, checked against the SAE's width."""
+def run_fingerprint(meta: dict) -> str:
+    """16 hex digits of sha256 over what makes a run's results: cfg.json's metadata (its source
+    and settings), without --resume and --overwrite, which change none of them. Equal settings
+    train equal runs, so two runs share a fingerprint only when their histories are the same."""
+    tc = {
+        k: v
+        for k, v in (meta.get("train_config") or {}).items()
+        if k not in ("resume", "overwrite")
+    }
+    body = {k: v for k, v in meta.items() if k not in ("train_config", FINGERPRINT)}
+    text = json.dumps({**body, "train_config": tc}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _sae_fingerprint(run_dir: Path) -> str | None:
+    """The fingerprint in the run dir's cfg.json (None: absent, or an SAE saekit did not train)."""
+    try:
+        meta = json.loads((run_dir / "cfg.json").read_text()).get("metadata") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    fp = meta.get(FINGERPRINT) if isinstance(meta, dict) else None
+    return fp if isinstance(fp, str) else None
+
+
+def check_history_run(path: Path, file_meta: dict) -> None:
+    """SaekitError if the history was written by another run than the SAE beside it; a history
+    or SAE without a fingerprint (saved before saekit had them) is read, with a note, once."""
+    theirs, ours = file_meta.get(FINGERPRINT), _sae_fingerprint(path.parent)
+    if theirs and ours and theirs != ours:
+        raise SaekitError(
+            f"{path} is from another run (run fingerprint {theirs}; the SAE in {path.parent} has {ours}); put back this run's own {path.name} or re-run training"
+        )
+    if not (theirs and ours) and str(path) not in _noted:
+        _noted.add(str(path))
+        print(
+            f"saekit: note: {path} or its cfg.json has no run fingerprint (saved before saekit "
+            "recorded one), so it is not checked to be this run's history",
+            file=sys.stderr,
+        )
+
+
+def load_history(path: str | Path, d_sae: int | None) -> History:
+    """density_history.safetensors, checked to be the run's (`check_history_run`) and against
+    the SAE's width (None: not checked)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -47,7 +95,9 @@ def load_history(path: str | Path, d_sae: int) -> History:
     missing = [k for k in need if k not in t]
     if missing:
         raise SaekitError(f"{path} lacks {missing}; re-run training with this saekit version")
+    check_history_run(path, meta)
     counts = t["counts"].long()
+    d_sae = counts.shape[-1] if d_sae is None and counts.ndim == 2 else d_sae
     if counts.ndim != 2 or counts.shape[1] != d_sae:
         raise SaekitError(
             f"{path}: counts has shape {tuple(counts.shape)}, expected [n_windows, {d_sae}]"
