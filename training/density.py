@@ -4,6 +4,8 @@ kept per window of whole batches, with the resampling events and the held-out co
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -16,6 +18,23 @@ from ..sae.io import atomic_save_safetensors
 BANDS = {"dead": (0.0, 0.0), "below_1e-6": (0.0, 1e-6), "1e-6_to_1e-4": (1e-6, 1e-4),
          "1e-4_to_1e-2": (1e-4, 1e-2), "above_1e-2": (1e-2, math.inf)}  # fmt: skip
 LOG10_EDGES = torch.arange(-10.0, 0.01, 0.25)  # the histogram's bins, the same every window
+# The key, in cfg.json's metadata and in the history's safetensors metadata, of the fingerprint
+# that binds a density history to its run (training/run.py checks it on read).
+FINGERPRINT = "run_fingerprint"
+
+
+def run_fingerprint(meta: dict) -> str:
+    """16 hex digits of sha256 over what makes a run's results: cfg.json's metadata (its source
+    and settings), without --resume and --overwrite, which change none of them. Equal settings
+    train equal runs, so two runs share a fingerprint only when their histories are the same."""
+    tc = {
+        k: v
+        for k, v in (meta.get("train_config") or {}).items()
+        if k not in ("resume", "overwrite")
+    }
+    body = {k: v for k, v in meta.items() if k not in ("train_config", FINGERPRINT)}
+    text = json.dumps({**body, "train_config": tc}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def window_summary(counts: Tensor, tokens: int) -> dict[str, object]:

@@ -24,12 +24,11 @@ from ..sae.io import atomic_save_safetensors, save_sae
 from ..sae.model import SAE, SAEConfig, geometric_median
 from .checkpoint import cfg_dict, drop_after, read_checkpoint, write_checkpoint
 from .config import GEOMEDIAN_ROWS, ResolvedConfig, TrainConfig
-from .density import DensityTracker, window_summary
+from .density import FINGERPRINT, DensityTracker, run_fingerprint, window_summary
 from .distributed import ReducedDensityTracker, World, average_grads, local_slices
 from .mechanisms import FILE as MECHANISMS_FILE
 from .mechanisms import MechanismTracker
 from .resample import anthropic_resample, event_seed
-from .run import FINGERPRINT, run_fingerprint
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 

@@ -6,7 +6,6 @@ diagnostics reads them through the package that writes them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -15,11 +14,9 @@ from typing import Any, NamedTuple
 import torch
 
 from ..sae.errors import SaekitError
+from .density import FINGERPRINT
 
 HISTORY_FILE = "density_history.safetensors"
-# The key, in cfg.json's metadata and in the history's safetensors metadata, of the fingerprint
-# that binds a density history to its run (`run_fingerprint`).
-FINGERPRINT = "run_fingerprint"
 _noted: set[str] = set()  # histories without a fingerprint already mentioned
 MECHANISMS_FILE = "mechanisms.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -34,20 +31,6 @@ class History(NamedTuple):
     held_out: torch.Tensor  # bool [n_events, d_sae]
     control_mask: torch.Tensor  # bool [d_sae]
     metadata: dict
-
-
-def run_fingerprint(meta: dict) -> str:
-    """16 hex digits of sha256 over what makes a run's results: cfg.json's metadata (its source
-    and settings), without --resume and --overwrite, which change none of them. Equal settings
-    train equal runs, so two runs share a fingerprint only when their histories are the same."""
-    tc = {
-        k: v
-        for k, v in (meta.get("train_config") or {}).items()
-        if k not in ("resume", "overwrite")
-    }
-    body = {k: v for k, v in meta.items() if k not in ("train_config", FINGERPRINT)}
-    text = json.dumps({**body, "train_config": tc}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _sae_fingerprint(run_dir: Path) -> str | None:
