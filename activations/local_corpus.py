@@ -37,9 +37,9 @@ def read_utf8(path: Path) -> str:
         ) from None
 
 
-def json_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of each non-blank line of a JSON lines file (or of each item of a
-    .json file holding one array)."""
+def json_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """("line N", object) of each non-blank line of a JSON lines file (or ("item N", object) of
+    each item of a .json file holding one array)."""
     text = read_utf8(path)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
@@ -56,7 +56,7 @@ def json_rows(path: Path) -> Iterator[tuple[int, dict]]:
             raise SaekitError(
                 f"{path} {what} {n} is {type(row).__name__}, not a JSON object; give one object per row"
             )
-        yield n, row
+        yield f"{what} {n}", row
 
 
 def _parsed_lines(path: Path, text: str) -> Iterator[tuple[int, object]]:
@@ -81,12 +81,12 @@ def _text_value(path: Path, where: str, value: object, column: str) -> str:
 
 
 def _json_texts(path: Path, column: str) -> Iterator[str]:
-    for n, row in json_rows(path):
+    for where, row in json_rows(path):
         if column not in row:
             raise SaekitError(
-                f"dataset {path} has no column {column!r} (line {n}); its columns are {list(row)}: pass --text-column NAME"
+                f"dataset {path} has no column {column!r} ({where}); its columns are {list(row)}: pass --text-column NAME"
             )
-        yield _text_value(path, f"line {n}", row[column], column)
+        yield _text_value(path, where, row[column], column)
 
 
 def _csv_texts(path: Path, column: str) -> Iterator[str]:

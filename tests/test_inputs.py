@@ -88,6 +88,17 @@ def test_bad_corpus_is_one_line(case, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_null_parquet_value_and_json_array_item_are_one_line(tmp_path, capsys):
+    datasets.Dataset.from_dict({"text": ["fine", None]}).to_parquet(str(tmp_path / "a.parquet"))
+    (tmp_path / "b.json").write_text('[{"text": "fine"}, {"text": 3.5}]')
+    for name, says in (("a.parquet", "row 1: field 'text' is null"),
+                       ("b.json", "item 2: field 'text' is 3.5 (float)")):  # fmt: skip
+        line = refused(["cache", "--dataset", str(tmp_path / name), "--out",
+                        str(tmp_path / "c"), "--tokens", "200"], capsys)  # fmt: skip
+        assert says in line and name in line, line
+    assert not (tmp_path / "c").exists()
+
+
 def test_empty_csv_cells_are_empty_documents(tmp_path, tok):
     """The documented repair: an empty cell is an empty document, skipped like a blank line."""
     (tmp_path / "a.csv").write_text('text,id\n"first, with a comma",1\n,2\nsecond one here,3\n')
