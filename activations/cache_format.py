@@ -183,6 +183,12 @@ def _check_stats(d: Path, m: dict) -> None:
     st = m.get("stats")
     v = st.get("mean_norm") if isinstance(st, dict) else None
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
+    for s in m["shards"] if not ok else ():  # a NaN / inf mean: name the shard that made it
+        norm = s.get("norm_sum")
+        if isinstance(norm, float) and not math.isfinite(norm):
+            raise SaekitError(
+                f"cache file {d / s['file']} holds NaN or inf activations (norm_sum {norm}); rebuild the cache from activations that are finite"
+            )
     if not ok:
         raise SaekitError(
             f"{d / MANIFEST}: stats.mean_norm is {v!r}, not a finite number > 0 (edited, or every "
