@@ -99,6 +99,17 @@ def test_null_parquet_value_and_json_array_item_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "c").exists()
 
 
+def test_non_string_document_of_a_loaded_dataset_is_refused_while_tokenising(tok):
+    """A hub dataset is not read by saekit's own reader: its rows are checked as they are
+    tokenised."""
+    from saekit.sae.errors import SaekitError
+
+    with pytest.raises(
+        SaekitError, match=r"document 1 of the corpus is None \(NoneType\), not text"
+    ):
+        tokenize_contexts(datasets.Dataset.from_dict({"text": ["fine words", None]}), tok, 2)
+
+
 def test_empty_csv_cells_are_empty_documents(tmp_path, tok):
     """The documented repair: an empty cell is an empty document, skipped like a blank line."""
     (tmp_path / "a.csv").write_text('text,id\n"first, with a comma",1\n,2\nsecond one here,3\n')
