@@ -114,16 +114,19 @@ class FastStep:
         self.cd = sp.compute_dtype(sae.W_enc.dtype)  # the sparse products' dtype
         self.sparse = sparse
         self.l0_hint: float | None = None
+        # Called with the step's pre-activations [B, d_sae] before anything overwrites them
+        # (the trainer's mechanism checks, on the steps that close a density window).
+        self.pre_tap: Callable[[Tensor], None] | None = None
         self.calls = self.sparse_calls = 0  # relu steps run, and how many of them sparse
         self._work: dict[str, Tensor] = {}  # buffers kept across calls (not part of the state)
         self._step: Callable[[Tensor, float, Tensor | None], StepOutput]
         if not has_fast_step(sae.arch):
-            self._step = lambda x, l1, dead: autograd_step(sae, x, l1, dead, self.mm_dtype)
+            self._step = self._autograd
         elif sae.arch.activation == "topk":
             self._step = self._topk_step
         elif sae.arch.activation == "jumprelu" and self.mm_dtype != sae.W_enc.dtype:
             # its hand-written step has no lower-precision matmuls: autocast autograd instead
-            self._step = lambda x, l1, dead: autograd_step(sae, x, l1, dead, self.mm_dtype)
+            self._step = self._autograd
         elif sae.arch.activation == "jumprelu":
             self._step = self._jumprelu_step
         else:
@@ -139,6 +142,11 @@ class FastStep:
             if p.grad is None or p.grad.shape != p.shape:
                 p.grad = torch.empty_like(p)
         return self._step(x, l1_coef, dead_mask)
+
+    def _autograd(self, x: Tensor, l1_coef: float, dead_mask: Tensor | None) -> StepOutput:
+        if self.pre_tap is not None:  # the forward keeps no pre-activations: one more encoder pass
+            self.pre_tap(self.sae.pre_acts(x))
+        return autograd_step(self.sae, x, l1_coef, dead_mask, self.mm_dtype)
 
     def uses_sparse(self) -> bool:
         """Whether the next relu step runs sparse."""
@@ -177,6 +185,8 @@ class FastStep:
         x_m = self._mm("x_in", x_in)
         pre = torch.addmm(self._mm("b_enc", sae.b_enc), x_m, self._mm("W_enc", sae.W_enc),
                           out=self._buf("pre", shape, self.mm_dtype))  # fmt: skip
+        if self.pre_tap is not None:
+            self.pre_tap(pre)
         return x_in, x_m, pre
 
     def _relu_step(self, x: Tensor, l1_coef: float, dead_mask: Tensor | None) -> StepOutput:
@@ -305,6 +315,8 @@ class FastStep:
         ones = self._buf("ones", (B,), fill=1.0)
         x_in = torch.sub(x, b_dec, out=self._buf("x_in", tuple(x.shape))) if sub else x
         pre = torch.addmm(b_enc, x_in, W_enc, out=self._buf("pre", (B, m)))
+        if self.pre_tap is not None:
+            self.pre_tap(pre)
         zero = x.new_zeros(())
         f = torch.where(pre > theta.clamp_min(0), pre, zero, out=self._buf("f", (B, m)))
         mask = torch.sign(f, out=self._buf("mask", (B, m)))  # f >= 0: 1 where it fired

@@ -300,67 +300,6 @@ def test_dead_window_counts_span_whole_windows():
     assert t.below_mask(14, 7, 0.05).tolist() == [False, False, True]  # 1 just resampled
 
 
-@pytest.mark.parametrize("arch", ["relu_l1", "relu_l1_v2", "topk"])
-def test_mechanism_checks_on_a_planted_sae(arch):
-    from saekit.sae.model import SAE, SAEConfig
-    from saekit.training.mechanisms import mechanism_row
-
-    g = torch.Generator().manual_seed(0)
-    d_in, d_sae, B = 6, 5, 64
-    sae = SAE(SAEConfig(arch, d_in, d_sae, k=2), dtype=torch.float64)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g, dtype=torch.float64))
-        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g, dtype=torch.float64))
-        sae.b_enc.copy_(torch.tensor([0.5, -0.2, 0.0, 0.3, -40.0]))  # feature 4 never fires
-        sae.b_dec.copy_(torch.linspace(-1, 1, d_in))
-    x = torch.randn(B, d_in, generator=g, dtype=torch.float64).relu()
-    l1 = 0.7
-    row = mechanism_row(sae, x, l1, grad_rows=48)
-    W_enc, b_enc, W_dec, b_dec = (p.detach() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
-    sub = arch != "relu_l1_v2"  # relu_l1_v2's encoder sees x itself
-    thr = b_enc - (b_dec @ W_enc if sub else 0)
-    torch.testing.assert_close(row["effective_threshold"], thr.float())
-    torch.testing.assert_close(row["encoder_bias"], b_enc.float())
-    torch.testing.assert_close(row["encoder_norm"], W_enc.norm(dim=0).float())
-    unit = W_dec / W_dec.norm(dim=1, keepdim=True)
-    torch.testing.assert_close(row["de_projection"], (unit * W_enc.T).sum(1).float())
-    # The margin: the largest pre-activation, x . W_enc + effective threshold.
-    torch.testing.assert_close(row["margin"], (x @ W_enc + thr).amax(0).float())
-    assert row["margin"][4] < -30
-    # The L1 share of the encoder gradient, against autograd on the first 48 rows.
-    out = sae(x[:48])
-    g_rec = torch.autograd.grad(out.mse, sae.W_enc, retain_graph=True)[0].norm(dim=0)
-    if arch == "topk":
-        assert (row["l1_grad_share"][:4][torch.isfinite(row["l1_grad_share"][:4])] == 0).all()
-    else:
-        g_l1 = torch.autograd.grad(l1 * out.sparsity, sae.W_enc)[0].norm(dim=0)
-        want = (g_l1 / (g_l1 + g_rec))[:4]
-        torch.testing.assert_close(
-            row["l1_grad_share"][:4], want.float(), rtol=1e-5, atol=1e-6, equal_nan=True
-        )
-        assert torch.isfinite(row["l1_grad_share"][:4]).sum() >= 2
-    assert torch.isnan(row["l1_grad_share"][4])  # no gradient: it fired on no row
-
-
-def test_mechanisms_file_tracks_every_window(cache, tmp_path):
-    run = train(_cfg(cache, tmp_path / "run", steps=23, density_window=5 * 512))
-    m = load_file(str(run / "mechanisms.safetensors"))
-    h = load_file(str(run / "density_history.safetensors"))
-    assert torch.equal(m["window_end_step"], h["window_end_step"])  # 5, 10, 15, 20, 23
-    assert m["margin"].shape == (5, 1024) and m["margin"].dtype == torch.float32
-    final = load_file(str(run / "sae_weights.safetensors"))  # the last row: after the last step
-    torch.testing.assert_close(m["encoder_bias"][-1], final["b_enc"])
-    torch.testing.assert_close(m["encoder_norm"][-1], final["W_enc"].norm(dim=0))
-    thr = final["b_enc"] - final["b_dec"] @ final["W_enc"]
-    torch.testing.assert_close(m["effective_threshold"][-1], thr, atol=1e-5, rtol=1e-5)
-    # A feature that fired in a window's last batch has a positive margin there.
-    share = m["l1_grad_share"]
-    assert ((share >= 0) & (share <= 1) | share.isnan()).all()
-    assert (m["margin"] > 0).float().mean() > 0.1
-    run2 = train(_cfg(cache, tmp_path / "off", steps=5, mechanisms=False))
-    assert not (run2 / "mechanisms.safetensors").exists()
-
-
 def _wandb_history(run_dir: Path) -> list[dict]:
     """The history rows of an offline wandb run, read from its .wandb file (a leveldb-style log
     of protobuf records: 7-byte file header, then records with a 7-byte header in 32 KiB

@@ -28,6 +28,7 @@ from .density import FINGERPRINT, DensityTracker, run_fingerprint, window_summar
 from .distributed import ReducedDensityTracker, World, average_grads, local_slices
 from .mechanisms import FILE as MECHANISMS_FILE
 from .mechanisms import MechanismTracker
+from .mechanisms import margin as mechanism_margin
 from .resample import anthropic_resample, event_seed
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -87,6 +88,7 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0
         self.last_checkpoint: int | None = None
+        self._step_margin: torch.Tensor | None = None  # the mechanism margin of the last step
         self.wandb = None
 
     # -- schedules: lambda warm-up at the start, lr decay to 0 at the end (linear) --
@@ -254,7 +256,10 @@ class Trainer:
             self.set_l0_hint()
         use_aux = arch.aux_loss != "none" and cfg.aux_coef > 0
         dead_mask = self.density.dead_mask(self.step, res.dead_window) if use_aux else None
+        self._step_margin = None
+        self.fast_step.pre_tap = self._keep_margin if self.closes_window() else None
         out = self.forward_backward(x, self.l1_at(self.step), dead_mask)
+        self.fast_step.pre_tap = None
         if self.world.size > 1:
             average_grads(list(sae.parameters()), self.world)
         if arch.unit_decoder:
@@ -276,14 +281,25 @@ class Trainer:
         self.record_mechanisms(x)
         return out
 
+    def closes_window(self) -> bool:
+        """Whether the next step closes a density window (or ends training) while mechanism
+        checks are recorded: its forward then hands its pre-activations to `_keep_margin`."""
+        d = self.density
+        last = d.window_steps + 1 >= d.steps_per_window or self.step + 1 >= self.cfg.steps
+        return self.mechanisms is not None and last
+
+    def _keep_margin(self, pre: torch.Tensor) -> None:
+        self._step_margin = mechanism_margin(self.sae, pre)
+
     def record_mechanisms(self, x: torch.Tensor) -> None:
         """A row of mechanism checks when a density window closed at this step, on its batch x
-        (in training units)."""
+        (in training units), with the margin of the step's own forward when it was kept."""
         m, ends = self.mechanisms, self.density.window_end_step
         if m is None or not ends or ends[-1] != self.step:
             return
         if not (len(m) and m.window_end_step[-1] == self.step):
-            m.record(self.sae, x, self.l1_at(self.step - 1), self.step)
+            l1 = self.l1_at(self.step - 1)
+            m.record(self.sae, x, l1, self.step, self._step_margin)
 
     def set_l0_hint(self) -> None:
         """Tell the step the L0 of the last closed density window (it runs sparse when that is
@@ -354,6 +370,7 @@ class Trainer:
 
     def resample(self) -> None:
         cfg, res = self.cfg, self.res
+        self._step_margin = None  # it predates the resampled weights
         if cfg.resample_below is None:
             dead = self.density.dead_mask(self.step, res.dead_window)
         else:  # rare as well as dead: the control group then holds still-firing features

@@ -5,8 +5,9 @@ training bench's): two Trainers set up as `train()` sets them up, one recording 
 checks (--mechanisms) and one not, each training whole density windows of --window-steps steps
 (the default window is 1% of training: 30 steps of a 3,000-step run), interleaved, --reps times
 after --warmup. Reported: the median window time of each and their ratio, and, measured alone,
-one recording (`mechanism_row` on a batch) against one step, with the overhead that implies for
-windows of 16, 30 and 100 steps.
+one recording as training makes it (`margin` of the step's pre-activations, then
+`mechanism_row` on the batch) against one step, with the overhead that implies for windows of
+16, 30 and 100 steps.
 
     python -m saekit.scripts.bench.mechanisms [--features 4096] [--window-steps 30] [--reps 5]
 """
@@ -27,7 +28,7 @@ from saekit.scripts.bench.train import (
     step_fn,
     write_synthetic_cache,
 )
-from saekit.training.mechanisms import mechanism_row
+from saekit.training.mechanisms import margin, mechanism_row
 
 
 def window_fn(trainer, steps: int):
@@ -72,9 +73,12 @@ def main(argv: list[str] | None = None) -> None:
         x = next(stream)
         stream.close()
         step, close = step_fn(off)
-        t_rec, t_step = interleaved(
-            [lambda: mechanism_row(on.sae, x, 1.0), step], args.reps * 4, args.warmup
-        )
+        pre = on.sae.pre_acts(x).detach()  # what the step's forward hands over
+
+        def record() -> None:
+            mechanism_row(on.sae, x, 1.0, step_margin=margin(on.sae, pre))
+
+        t_rec, t_step = interleaved([record, step], args.reps * 4, args.warmup)
         close()
         r, s = statistics.median(t_rec), statistics.median(t_step)
         implied = ", ".join(f"{w} steps {100 * r / (w * s):.2f}%" for w in (16, 30, 100))
