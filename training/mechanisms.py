@@ -52,7 +52,7 @@ KEYS = (
     "l1_grad_share",
 )
 FILE = "mechanisms.safetensors"
-GRAD_ROWS = 512
+GRAD_ROWS = 256
 
 
 def firing_offset(sae) -> Tensor:
@@ -136,7 +136,8 @@ def grad_share(sae, x: Tensor, l1_coef: float, grad_rows: int, rank: int, size: 
             g = g_rec * on * torch.exp(sae.r_mag) + g_aux * gate
         else:
             g = g_rec * on
-        parts = xi.T @ torch.cat([g, gate], dim=1)  # [d_in, 2 d_sae]
+        # [2 d_sae, d_in]: G_r^T and G_s^T / c, each feature's gradient a contiguous row
+        parts = torch.cat([g, gate], dim=1).T @ xi
         has = gate.sum(0)
         # The penalty's derivative in f_i (sae.penalty: sum_i f_i, or sum_i f_i ||W_dec,i||).
         dec_norm = W_dec.norm(dim=1)
@@ -151,7 +152,7 @@ def grad_share(sae, x: Tensor, l1_coef: float, grad_rows: int, rank: int, size: 
         rec, pen = parts[0].abs(), parts[1] * c
     else:
         d = W_enc.shape[1]
-        rec, pen = parts[:, :d].norm(dim=0), parts[:, d:].norm(dim=0) * c.abs()
+        rec, pen = parts[:d].norm(dim=1), parts[d:].norm(dim=1) * c.abs()
     return torch.where(has > 0, pen / (pen + rec).clamp_min(1e-30), torch.nan)
 
 
