@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..sae.errors import SaekitError
+from ..training.mechanisms import firing_offset
 
 CLASSES = ("dead", "ultra_rare", "live")
 DEAD, ULTRA_RARE, LIVE = 0, 1, 2
@@ -285,7 +286,7 @@ class FreshDensity(NamedTuple):
     top_values: Tensor  # [T, k] the top activations of the tracked features
     top_rows: Tensor  # [T, k] their row numbers in the order the batches were given (-1: none)
     x_min: float  # the smallest activation value seen (>= 0: non-negative inputs)
-    margin: Tensor  # [F] each feature's largest pre-activation over the rows
+    margin: Tensor  # [F] its largest pre-activation over the rows - its offset: > 0 iff it fired
 
 
 @torch.no_grad()
@@ -335,5 +336,5 @@ def measure_density(
         top_v.cpu(),
         top_r.cpu(),
         float(x_min),
-        margin.cpu(),
+        (margin - firing_offset(sae)).cpu(),  # training/mechanisms.py's margin
     )

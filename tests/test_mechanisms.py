@@ -136,6 +136,24 @@ def test_mechanism_checks_gated():
     assert torch.isfinite(row["l1_grad_share"]).sum() >= 2
 
 
+@pytest.mark.parametrize("arch", ["relu_l1", "jumprelu", "gated"])
+def test_diagnose_margin_matches(arch):
+    """diagnose's fresh margin (features.csv with --cache) means what the recorded one does."""
+    from saekit.diagnostics.features import measure_density
+    from saekit.training.mechanisms import mechanism_row
+
+    sae, x = _planted_sae(arch)
+    with torch.no_grad():
+        if arch == "jumprelu":
+            sae.threshold.copy_(torch.tensor([0.3, 0.05, 1.5, 0.0, 0.2]))
+        if arch == "gated":
+            sae.b_mag.copy_(torch.tensor([-2.0, 0.4, 0.1, -20.0, 0.0]))
+    fresh = measure_density(sae, [x[:32], x[32:]], torch.zeros(0, dtype=torch.int64))
+    row = mechanism_row(sae, x, 0.1)
+    torch.testing.assert_close(fresh.margin.float(), row["margin"])
+    assert torch.equal(fresh.margin > 0, fresh.counts > 0)
+
+
 @pytest.mark.parametrize(
     "arch,sparse",
     [

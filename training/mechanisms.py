@@ -30,8 +30,9 @@ path must be > 0 too), so with e = W_enc[:, i]:
   share of theta's gradient, |g_s| / (|g_s| + |g_r|) through the straight-through estimator,
   NaN where no row is within bandwidth/2 of theta.
 
-Cost per window: an amax over the step's pre-activations, one encoder matmul and four smaller
-ones on `grad_rows` rows (see docs/benchmarks.md; scripts/bench/mechanisms.py).
+Cost per window: an amax over the step's pre-activations and four matmuls on `grad_rows` rows
+(gated: six), under 3% of training at the default window (docs/benchmarks.md;
+scripts/bench/mechanisms.py).
 """
 
 from __future__ import annotations
