@@ -15,12 +15,12 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as st_save
 
 from .archs import ARCHS
 from .errors import SaekitError
@@ -33,15 +33,16 @@ SAEKIT_FILE = "saekit.json"
 SAELENS_FORMAT_VERSION = "6.0.0"
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> None:
-    """Write `data` to `path` so that readers see either the old file or the whole new one.
-    `durable`: fsync before the rename, so that this holds across a power loss too (a killed
-    process needs no fsync: what it wrote is in the kernel)."""
+def atomic_write_bytes(path: str | Path, data: bytes | Iterable[Any], durable: bool = True) -> None:
+    """Write `data` (or its chunks, in order) to `path` so that readers see either the old file
+    or the whole new one. `durable`: fsync before the rename, so that this holds across a power
+    loss too (a killed process needs no fsync: what it wrote is in the kernel)."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in [data] if isinstance(data, bytes) else data:
+                f.write(chunk)
             f.flush()
             if durable:
                 os.fsync(f.fileno())
@@ -65,28 +66,53 @@ def atomic_write_json(path: str | Path, obj: Any, durable: bool = True) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode(), durable)
 
 
+# safetensors' names of the torch dtypes saekit writes
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+              torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+              torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}  # fmt: skip
+
+
+def safetensors_header(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> bytes:
+    """A safetensors file's leading bytes (length prefix, JSON header padded so the data is
+    8-byte aligned) for these tensors laid out in this order; metadata keys sorted, so that equal
+    runs give equal bytes."""
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    for k, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise SaekitError(f"cannot save {k}: dtype {t.dtype} has no safetensors name")
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                     "data_offsets": [offset, offset + n]}  # fmt: skip
+        offset += n
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    return struct.pack("<Q", len(hb)) + hb
+
+
 def atomic_save_safetensors(
     path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> str:
-    """Returns the file's sha256."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    data = _sorted_metadata(st_save(tensors, metadata=metadata))
-    atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
+    """Write a safetensors file atomically, each tensor straight from its memory (one device
+    tensor at a time is copied to the host), hashing as it goes: no serialised copy of the whole
+    file is made (safetensors' own `save` builds one, twice the state at a checkpoint). Returns
+    the file's sha256."""
+    tensors = {k: v.detach() for k, v in tensors.items()}
+    head = safetensors_header(tensors, metadata)
+    h = hashlib.sha256(head)
 
+    def chunks() -> Iterator[Any]:
+        yield head
+        for t in tensors.values():
+            # a view of a contiguous host tensor; else a copy of this one tensor only
+            raw = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            h.update(raw)
+            yield raw
 
-def _sorted_metadata(data: bytes) -> bytes:
-    """The same safetensors file with its metadata keys sorted. safetensors writes them in hash
-    map order, which changes from process to process: sorted, equal runs give equal bytes."""
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8 : 8 + n])
-    meta = header.pop("__metadata__", None)
-    if not meta or len(meta) < 2:
-        return data
-    header = {"__metadata__": dict(sorted(meta.items())), **header}
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)  # keep the data 8-byte aligned
-    return struct.pack("<Q", len(hb)) + hb + data[8 + n :]
+    atomic_write_bytes(path, chunks())
+    return h.hexdigest()
 
 
 def sha256_file(path: str | Path) -> str:
