@@ -281,7 +281,7 @@ def _check_config(cfg: DemoConfig) -> None:
     check_device(cfg.device)
     # What training will check once the cache exists, checked now (the default model's mlp_post
     # is 512 wide): the trainer's ranges, and that the SAE fits in memory at all.
-    from ..training.config import check_memory
+    from ..training.memory import check_memory
 
     tcfg = _train_config(cfg, Path(cfg.out) / "cache", Path(cfg.out) / "run")
     d_in = DEFAULT_D_IN

@@ -208,7 +208,7 @@ def test_matryoshka_widths_flag(tiny_cache, tmp_path):
 def test_memory_estimate_counts_each_step():
     """train_bytes charges archs without a hand-written step (and the batch top-k) for the dense
     tensors their step keeps, more than the hand-written relu step's two (jumprelu's: three)."""
-    from saekit.training.config import train_bytes
+    from saekit.training.memory import train_bytes
 
     est = {}
     for name in ARCHS:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
 from dataclasses import dataclass
 from typing import Literal
@@ -12,9 +11,6 @@ from ..sae.archs import ARCHS, Arch, ArchName
 from ..sae.errors import SaekitError, check_seed
 
 GEOMEDIAN_ROWS = 16384
-# Per-feature tensors each activation adds to W_enc, b_enc, W_dec (sae/model.py).
-SAE_EXTRA = {"relu": (), "topk": (), "batchtopk": ("threshold",), "jumprelu": ("threshold",),
-             "gated": ("r_mag", "b_mag")}  # fmt: skip
 
 
 @dataclass
@@ -356,73 +352,3 @@ def input_scale(arch: Arch, d_in: int, mean_norm: float) -> float:
     if arch.input_norm == "sqrt_d_in":
         return math.sqrt(d_in) / mean_norm
     return 1.0 / mean_norm if arch.input_norm == "unit" else 1.0
-
-
-# [B, d_sae]-sized tensors alive at once in an autograd step (forward saved for backward, the
-# backward's gradients), per activation: the peak RSS of a step over the parameters' measured
-# at batch 4096, 8192 features (relu 4.1, topk 4.9, batchtopk 6.8 (matryoshka 7.6), jumprelu
-# 7.0, gated 9.0), rounded up.
-AUTOGRAD_DENSE = {"relu": 5, "topk": 6, "batchtopk": 9, "jumprelu": 8, "gated": 10}
-
-
-def train_bytes(cfg: TrainConfig, res: ResolvedConfig, world_size: int = 1) -> int:
-    """Rough peak memory of training on one rank, as docs/scaling.md counts it: parameters,
-    gradients, Adam's moments, the per-step work buffers (the hand-written step's, or autograd's
-    dense tensors for archs without one), density tracking, the batch and the resampling
-    inputs."""
-    from ..sae.fast_step import has_fast_step
-
-    arch = ARCHS[cfg.arch]
-    item = 2 if cfg.dtype == "bfloat16" else 8 if cfg.dtype == "float64" else 4
-    mm = 2 if cfg.matmul_dtype == "bfloat16" else item
-    d, batch = res.d_in, max(1, cfg.batch_size // max(1, world_size))
-    windows = math.ceil(cfg.steps / res.steps_per_window)
-    if not has_fast_step(arch) or (arch.activation == "jumprelu" and mm != item):
-        work = item * AUTOGRAD_DENSE[arch.activation] * batch  # autograd's dense tensors
-    elif arch.activation == "jumprelu":
-        work = item * 3 * batch  # pre, f and the firing mask (FastStep._jumprelu_step)
-    else:
-        # [B, d_sae] buffers in the matmul dtype, the sparse steps' [d_sae, d_in] one, and the
-        # matmul-dtype copies of W_enc and W_dec
-        work = mm * (batch if arch.activation == "topk" else 2 * batch) + 4 * d
-        if mm != item:
-            work += mm * 2 * d
-    # per-feature vectors besides b_enc (threshold, r_mag, b_mag): weight, grad, 2 moments
-    extra = item * 4 * len(SAE_EXTRA[arch.activation])
-    per_feature = item * 4 * (2 * d + 1) + extra + work + 8 * (2 + windows)
-    fixed = 4 * batch * d * item + (
-        res.resample_inputs * d * 4 if res.resample == "anthropic" else 0
-    )
-    return res.d_sae * per_feature + fixed
-
-
-def device_bytes(device: str) -> int | None:
-    """Total memory of a device (RAM, within a cgroup limit, for the CPU); None if unknown."""
-    import torch
-
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return int(torch.cuda.get_device_properties(dev.index or 0).total_memory)
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, OSError, ValueError):
-        return None
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:  # a container's limit, if any
-            limit = f.read().strip()
-        if limit.isdigit():
-            total = min(total, int(limit))
-    except OSError:
-        pass
-    return total
-
-
-def check_memory(cfg: TrainConfig, res: ResolvedConfig, world_size: int = 1) -> None:
-    """SaekitError before anything is allocated if training cannot fit in the device at all."""
-    need, have = train_bytes(cfg, res, world_size), device_bytes(cfg.device)
-    if have is not None and need > have:
-        raise SaekitError(
-            f"{res.d_sae:,} features at --batch-size {cfg.batch_size} need about {need / 1e9:,.1f} GB "
-            f"to train but --device {cfg.device} has {have / 1e9:,.1f} GB; lower --features, "
-            "--batch-size or --resample-inputs (docs/scaling.md)"
-        )

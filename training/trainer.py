@@ -18,8 +18,9 @@ from ..sae.io import SAEKIT_FILE
 from ..sae.lock import DirLock, empty_dir, entries
 from . import distributed
 from .checkpoint import cfg_dict, latest_checkpoint
-from .config import TrainConfig, check_memory
+from .config import TrainConfig
 from .loop import Trainer
+from .memory import check_memory
 
 # What a run that stopped before its first checkpoint (or, without checkpoints, before it
 # finished) may have written: `--resume` starts such a run again from step 0.
