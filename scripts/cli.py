@@ -17,6 +17,7 @@ import functools
 import importlib
 import inspect
 import json
+import re
 import signal
 import sys
 import textwrap
@@ -368,7 +369,17 @@ def failure(command: str | None, e: BaseException) -> tuple[int, str] | None:
         return 2, one_line(e)
     if isinstance(e, OSError):  # the machine, not the input: a full disk, a file-size limit, ...
         return 1, os_error_line(e)
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and _OOM.search(str(e))):
+        what = (_OOM.search(str(e)) or _OOM.search("out of memory")).group(0)  # type: ignore[union-attr]
+        return 1, (
+            f"{command or 'saekit'}: out of memory ({what}); use smaller sizes (for training: "
+            "--features, --batch-size, --resample-inputs; docs/scaling.md counts them)"
+        )
     return None
+
+
+# torch's and numpy's words for a failed allocation (CPU, CUDA, MPS)
+_OOM = re.compile(r"can't allocate memory|out of memory|[Uu]nable to allocate [^\n;]*")
 
 
 def _install_handlers() -> dict:
