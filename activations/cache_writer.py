@@ -79,6 +79,8 @@ class SiteWriter:
         self.started = len(manifest["shards"])  # shard images begun
         self.shard: ShardImage | None = None
         self.fill = 0
+        self.unlisted = 0  # shards on disk that the manifest on disk does not list yet
+        self.listed_at, self.list_s = time.monotonic(), 0.0  # last manifest write, its seconds
         self.meta: list[dict[str, Tensor]] = []
         self.norms: list[Tensor] = []
 
@@ -134,8 +136,24 @@ class SiteWriter:
         commit_file(shard.write(self.out / shard.name), self.out / shard.name, durable=False)
         entry = {"file": shard.name, "rows": shard.rows, "bytes": shard.nbytes, CHECKSUM: sha,
                  "norm_sum": norm_sum}  # fmt: skip
-        set_shards(self.manifest, [*self.manifest["shards"], entry])
+        self.manifest["shards"].append(entry)
+        self.unlisted += 1
+        # The manifest grows with every shard: rewritten after each one, tiny shards would make
+        # caching quadratic (issue 23: 4k one-row shards took 73 s). Rewrite it after each
+        # shard only while that costs < 10% of the time (or when 1/16 more shards wait), so a
+        # kill loses at most ~1 s of shards or 1/16 of them, which --resume makes again.
+        waited = time.monotonic() - self.listed_at
+        if self.unlisted * 16 >= len(self.manifest["shards"]) or waited >= 10 * self.list_s:
+            self.write_manifest()
+
+    def write_manifest(self) -> None:
+        """The manifest on disk, listing every shard on disk."""
+        t0 = time.monotonic()
+        set_shards(self.manifest, self.manifest["shards"])
         atomic_write_json(self.out / MANIFEST, self.manifest, durable=False)
+        self.unlisted = 0
+        self.listed_at = time.monotonic()
+        self.list_s = self.listed_at - t0
 
 
 def _keep_whole_shards(d: Path, m: dict) -> None:
@@ -168,10 +186,19 @@ class _ShardPipeline:
         self.io_q: queue.Queue = queue.Queue(maxsize=depth)
         self.io = threading.Thread(target=self._io_loop, daemon=True)
         self.io.start()
+        self.writers: dict[int, SiteWriter] = {}
 
     def submit(self, writer: SiteWriter, shard: ShardImage, norm_sum: float) -> None:
         self._check()
+        self.writers[id(writer)] = writer
         self.io_q.put((writer, shard, shard.checksum(), norm_sum))
+
+    def _list_all(self) -> None:
+        """After the I/O thread stopped: each manifest lists every shard written."""
+        if self.error is None:
+            for w in self.writers.values():
+                if w.unlisted:
+                    w.write_manifest()
 
     def _io_loop(self) -> None:
         while (item := self.io_q.get()) is not None:
@@ -192,6 +219,7 @@ class _ShardPipeline:
             self.stop()
             raise
         self._check()
+        self._list_all()
 
     def stop(self) -> None:
         """On an interrupt (Ctrl-C, SIGTERM): finish the shard being written, drop the queued
@@ -207,6 +235,7 @@ class _ShardPipeline:
                 self.io.join(timeout=0.05)
             except KeyboardInterrupt:
                 pass
+        self._list_all()
 
     def _check(self) -> None:
         if self.error is not None:
