@@ -121,19 +121,24 @@ def _write_synthetic_cache(cfg: CacheConfig, out: Path, source) -> None:
 
     source.save(out)
     per_shard, B = shard_rows(cfg, source.d_in), SYNTHETIC_BATCH
-    entries, row = [], 0
+    entries, row, made = [], 0, {}
     bar = tqdm(total=cfg.tokens, unit="tok", unit_scale=True, desc="cache", file=sys.stderr)
     while row < cfg.tokens:
         check_interrupt()  # a SIGINT/SIGTERM whose exception Python swallowed
         n = min(per_shard, cfg.tokens - row)
         rows = torch.arange(row, row + n)
         first, last = row // B, (row + n - 1) // B
-        x = torch.cat([source.batch(i, B, stream=cfg.seed).x for i in range(first, last + 1)])
+        # each batch made once, however many small shards it is cut into
+        made = {i: made[i] if i in made else source.batch(i, B, stream=cfg.seed).x
+                for i in range(first, last + 1)}  # fmt: skip
+        x = made[first] if first == last else torch.cat(list(made.values()))
         x = x[row - first * B : row - first * B + n]
         t = {"activations": x, "tokens": torch.full((n,), -1, dtype=torch.int32),
              "context": rows // B, "position": (rows % B).to(torch.int32)}  # fmt: skip
         name = f"shard-{len(entries):05d}.safetensors"
-        nbytes, digest = write_safetensors(out / name, t)
+        # no fsync per shard (thousands of tiny shards would take minutes): the manifest,
+        # written last and fsynced, lists them with checksums the reader verifies
+        nbytes, digest = write_safetensors(out / name, t, durable=False)
         entries.append({"file": name, "rows": n, "bytes": nbytes, CHECKSUM: digest,
                         "norm_sum": float(x.double().norm(dim=1).sum())})  # fmt: skip
         row += n

@@ -63,6 +63,10 @@ def _write_tmp(path: Path, tensors: dict[str, Tensor | list[Tensor]]) -> tuple[P
     nbytes = len(head) + n_data
     try:
         try:
+            if (
+                nbytes < _STAGE
+            ):  # a small file: O_DIRECT's synchronous write costs a disk round trip
+                raise _NoDirectIO
             sha = _write_direct(tmp, chunks, nbytes)
         except _NoDirectIO:
             h = new_hash()
@@ -233,10 +237,12 @@ def commit_file(tmp: Path, path: Path, durable: bool = True) -> None:
         raise write_error(e, path, tmp) from None
 
 
-def write_safetensors(path: Path, tensors: dict[str, Tensor | list[Tensor]]) -> tuple[int, str]:
-    """Write a safetensors file atomically; returns (bytes, checksum)."""
+def write_safetensors(
+    path: Path, tensors: dict[str, Tensor | list[Tensor]], durable: bool = True
+) -> tuple[int, str]:
+    """Write a safetensors file atomically (`durable`: fsynced first); returns (bytes, checksum)."""
     tmp, nbytes, sha = _write_tmp(path, tensors)
-    commit_file(tmp, path)
+    commit_file(tmp, path, durable)
     return nbytes, sha
 
 
