@@ -135,3 +135,15 @@ def test_tiny_model_shards_rewrite_the_manifest_rarely(tmp_path, monkeypatch):
            for c, m in ((tiny, m_tiny), (big, m_big))]  # fmt: skip
     assert torch.equal(cat[0], cat[1])
     assert m_tiny["stats"]["rows"] == m_big["stats"]["rows"] == 1500
+
+
+def test_a_failed_allocation_is_one_line():
+    """What the estimate cannot foresee (another process taking the RAM): torch's real
+    allocation error becomes one line with exit 1 (the machine, not the input), not a traceback."""
+    from saekit.scripts.cli import failure
+
+    with pytest.raises(RuntimeError) as e:
+        torch.empty(2**50)
+    code, line = failure("train", e.value)
+    assert code == 1 and "out of memory" in line and "\n" not in line
+    assert failure("cache", MemoryError())[0] == 1
