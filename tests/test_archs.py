@@ -206,16 +206,18 @@ def test_matryoshka_widths_flag(tiny_cache, tmp_path):
 
 
 def test_memory_estimate_counts_each_step():
-    """train_bytes charges archs without a hand-written step (and the batch top-k) for the dense
-    tensors their step keeps, more than the hand-written relu step's two (jumprelu's: three)."""
-    from saekit.training.memory import train_bytes
+    """The estimate charges archs without a hand-written step (and the batch top-k) for the dense
+    tensors their step makes (a brief peak, on top of what stays), the hand-written relu step
+    for its two [B, d_sae] buffers, jumprelu's for three (what stays)."""
+    from saekit.training.memory import estimate
 
     est = {}
     for name in ARCHS:
         cfg = TrainConfig(cache="c", out="o", arch=name, features=8192, batch_size=4096,
                           resample="none")  # fmt: skip
-        est[name] = train_bytes(cfg, cfg.resolve(512, 20.0, 10**6))
-    per_dense = 8192 * 4096 * 4
-    assert 0.8 * per_dense < est["jumprelu"] - est["relu_l1"] < 1.2 * per_dense
-    assert est["gated"] - est["relu_l1"] > 7 * per_dense
-    assert est["batchtopk"] - est["topk"] > 5 * per_dense
+        est[name] = estimate(cfg, cfg.resolve(512, 20.0, 10**6))
+    dense = 4096 * 4  # bytes per feature of one [B, d_sae] float32 tensor
+    assert 0.8 * dense < est["jumprelu"].per_feature - est["relu_l1"].per_feature < 1.2 * dense
+    assert est["gated"].transient == 10 * dense and est["batchtopk"].transient == 9 * dense
+    assert est["gated"].total - est["relu_l1"].total > 5 * 8192 * dense
+    assert est["batchtopk"].total - est["topk"].total > 4 * 8192 * dense

@@ -40,6 +40,8 @@ class MemoryEstimate(NamedTuple):
 # growth once training starts (thread pools, lazily made buffers), 70-120 MB.
 ALLOCATOR_SLACK = 1.15
 PROCESS_GROWTH = 128 * 2**20
+# glibc's largest mmap threshold: freed blocks below it stay in the process' heap
+MMAP_MAX = 32 * 2**20
 
 
 def train_bytes(cfg: TrainConfig, res: ResolvedConfig, world_size: int = 1) -> int:
@@ -49,10 +51,10 @@ def train_bytes(cfg: TrainConfig, res: ResolvedConfig, world_size: int = 1) -> i
 
 def estimate(cfg: TrainConfig, res: ResolvedConfig, world_size: int = 1) -> MemoryEstimate:
     """Peak memory of training on one rank, as docs/scaling.md counts it: parameters, gradients,
-    Adam's moments, the per-step work buffers (the hand-written step's, or autograd's dense
-    tensors for archs without one) and density tracking all along; on top, the largest brief
-    peak (a mechanism-check recording, a resampling chunk, the copies a save makes); the batches
-    and the resampling inputs."""
+    Adam's moments, the hand-written step's work buffers and density tracking all along; on top,
+    the largest brief peak (autograd's dense tensors for archs without a hand-written step, a
+    mechanism-check recording, a resampling chunk, the copies a save makes); the batches and the
+    resampling inputs."""
     from ..sae.fast_step import has_fast_step
     from .mechanisms import GRAD_ROWS, KEYS
 
@@ -61,8 +63,11 @@ def estimate(cfg: TrainConfig, res: ResolvedConfig, world_size: int = 1) -> Memo
     mm = 2 if cfg.matmul_dtype == "bfloat16" else item
     d, batch = res.d_in, max(1, cfg.batch_size // max(1, world_size))
     windows = math.ceil(cfg.steps / res.steps_per_window)
+    step = 0  # autograd's dense tensors, freed after each step
     if not has_fast_step(arch) or (arch.activation == "jumprelu" and mm != item):
-        work = item * AUTOGRAD_DENSE[arch.activation] * batch  # autograd's dense tensors
+        work, step = 0, item * AUTOGRAD_DENSE[arch.activation] * batch
+        if item * batch * res.d_sae < MMAP_MAX:  # glibc keeps them in its heap once freed
+            work, step = step, 0
     elif arch.activation == "jumprelu":
         work = item * 3 * batch  # pre, f and the firing mask (FastStep._jumprelu_step)
     else:
@@ -79,6 +84,7 @@ def estimate(cfg: TrainConfig, res: ResolvedConfig, world_size: int = 1) -> Memo
     history = 8 * (2 + windows) + mech_rows
     per_feature = item * 4 * (2 * d + 1) + extra + work + history
     transient = max(
+        step,
         # a recording (training/mechanisms.py): the batch's pre-activations, three [rows, d_sae]
         # tensors on the gradient rows, the [2, d_in, d_sae] gradient parts and their halves
         item * (batch + 3 * min(GRAD_ROWS, batch) + 4 * d) if cfg.mechanisms else 0,
