@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..sae.errors import signals_deferred
 from ..sae.io import atomic_write_json, write_error
 from .cache_format import CHECKSUM, DTYPES, FORMAT_VERSION, MANIFEST, new_hash, set_shards
 
@@ -77,6 +78,10 @@ def _write_tmp(path: Path, tensors: dict[str, Tensor | list[Tensor]]) -> tuple[P
             sha = h.hexdigest()
     except OSError as e:  # a full disk: name the file, leave no temporary behind
         raise write_error(e, path, tmp) from None
+    except BaseException:  # Ctrl-C, SIGTERM: likewise
+        with signals_deferred():
+            tmp.unlink(missing_ok=True)
+        raise
     return tmp, nbytes, sha
 
 
@@ -207,6 +212,10 @@ class ShardImage:
                     f.write(memoryview(self.buf[: self.nbytes]))
         except OSError as e:  # a full disk: name the file, leave no temporary behind
             raise write_error(e, path, tmp) from None
+        except BaseException:  # Ctrl-C, SIGTERM: likewise
+            with signals_deferred():
+                tmp.unlink(missing_ok=True)
+            raise
         return tmp
 
 

@@ -1,7 +1,9 @@
 """The one exception saekit raises for bad input (the CLI prints its message as one line and
 exits 2), and the one for a stop asked by a signal."""
 
+import contextlib
 import signal
+from collections.abc import Iterator
 
 
 class SaekitError(Exception):
@@ -79,6 +81,18 @@ def quiet_interrupts() -> None:
     """The verb is over (done, or reporting why not): a signal now must not raise in the middle
     of its last line or of the interpreter's exit."""
     _raising[0] = False
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT/SIGTERM only recorded, not raised, inside: a second Ctrl-C must not cut short the
+    removal of temporary files (the loops' next `check_interrupt`, or the exit, acts on it)."""
+    was = _raising[0]
+    _raising[0] = False
+    try:
+        yield
+    finally:
+        _raising[0] = was
 
 
 def clear_interrupts() -> None:

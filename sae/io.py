@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 
 from .archs import ARCHS
-from .errors import SaekitError
+from .errors import SaekitError, signals_deferred
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -49,6 +49,10 @@ def atomic_write_bytes(path: str | Path, data: bytes | Iterable[Any], durable: b
         os.replace(tmp, path)
     except OSError as e:
         raise write_error(e, path, tmp) from None
+    except BaseException:  # Ctrl-C, SIGTERM: no temporary file left behind
+        with signals_deferred():
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_error(e: OSError, path: Path, tmp: Path | None = None) -> OSError:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from .errors import SaekitError, pending_signal
+from .errors import SaekitError, pending_signal, signals_deferred
 
 LOCK_FILE = ".saekit.lock"
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
@@ -216,20 +216,21 @@ class DirLock:
         dir the lock made goes again if nothing else is in it."""
         if self.fd is None:
             return
-        suffix = f".tmp-{os.getpid()}"
-        for root, _, files in os.walk(self.dir):  # writes this process did not finish
-            for name in files:
-                if name.endswith(suffix):
-                    Path(root, name).unlink(missing_ok=True)
-        try:
-            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
-                self.path.unlink()  # before unlocking: see the module's docstring
-        except FileNotFoundError:
-            pass
-        os.close(self.fd)
-        self.fd = None
-        if failed:
-            self._remove_if_made_empty()
+        with signals_deferred():  # a second Ctrl-C here must not leave a temporary file
+            suffix = f".tmp-{os.getpid()}"
+            for root, _, files in os.walk(self.dir):  # writes this process did not finish
+                for name in files:
+                    if name.endswith(suffix):
+                        Path(root, name).unlink(missing_ok=True)
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                    self.path.unlink()  # before unlocking: see the module's docstring
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+            if failed:
+                self._remove_if_made_empty()
 
     def _remove_if_made_empty(self) -> None:
         for d in self.made:
