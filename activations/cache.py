@@ -92,7 +92,7 @@ def build_synthetic_cache(cfg: CacheConfig) -> Cache:
     """`saekit cache --model synthetic`: --tokens rows of the generator's stream --seed, in
     order (row r is row r mod 4096 of batch r div 4096), with its ground truth saved beside them
     (synthetic.json, synthetic.safetensors). Made anew on --resume: it is cheap to make."""
-    from ..sae.lock import empty_dir
+    from ..sae.outdir import remove_owned
     from .source import parse_synthetic
     from .synthetic import SyntheticSource
 
@@ -108,7 +108,7 @@ def build_synthetic_cache(cfg: CacheConfig) -> Cache:
     source = SyntheticSource(parse_synthetic(cfg.synthetic))
     with DirLock(out, "cache"):  # one writer per cache dir; --out checked again under the lock
         check_out(out, cfg)
-        empty_dir(out)  # (the lock file stays)
+        remove_owned(out, "cache", "--overwrite" if cfg.overwrite else "--resume")  # (not the lock)
         _write_synthetic_cache(cfg, out, source)
     return Cache.open(out)
 

@@ -11,8 +11,9 @@ import torch
 from torch import Tensor
 
 from ..sae.errors import SaekitError, check_device, check_seed
-from ..sae.lock import LOCK_FILE, entries
-from .cache_format import CONTEXTS, DTYPES, MANIFEST
+from ..sae.lock import entries
+from ..sae.outdir import check_replace
+from .cache_format import DTYPES
 from .sites import Site
 
 # Contexts are drawn from the first max(POOL_TOKENS, 2 * tokens) tokens of the corpus (all of
@@ -126,34 +127,19 @@ def check_config(cfg: CacheConfig) -> None:
         raise SaekitError("pass --resume or --overwrite, not both")
 
 
-def _ours(path: Path) -> bool:
-    """Whether a path is something `saekit cache` writes (so --overwrite may delete it)."""
-    n = path.name
-    if path.is_dir():
-        return all(_ours(p) for p in path.iterdir())
-    return (
-        n in (MANIFEST, CONTEXTS, LOCK_FILE, "synthetic.json", "synthetic.safetensors")
-        or ".tmp-" in n
-        or (n.startswith("shard-") and n.endswith(".safetensors"))
-    )
-
-
 def check_out(out: Path, cfg: CacheConfig) -> None:
-    """--out is missing, empty, or (with --resume or --overwrite) holds only what we write."""
+    """--out is missing, empty, or (with --resume or --overwrite) a cache holding only what
+    saekit writes (sae/outdir.py: no foreign file, no symlink, not another kind of output)."""
     if out.exists() and not out.is_dir():
         raise SaekitError(f"--out {out} is a file; choose a directory")
     if not entries(out):
         return
     if not (cfg.overwrite or cfg.resume):
+        check_replace(out, "cache", "--out")  # another kind of dir, a foreign file: say so
         raise SaekitError(
             f"--out {out} is not empty; pass --resume to continue it, --overwrite to replace it, or choose another --out"
         )
-    foreign = sorted(p.name for p in entries(out) if not _ours(p))
-    if foreign:
-        flag = "--overwrite" if cfg.overwrite else "--resume"
-        raise SaekitError(
-            f"{flag} refused: {out} holds files saekit cache did not write ({', '.join(foreign[:3])}); choose another --out"
-        )
+    check_replace(out, "cache", "--overwrite" if cfg.overwrite else "--resume")
 
 
 def choose_contexts(cfg: CacheConfig, tokenizer) -> tuple[Tensor, Tensor]:

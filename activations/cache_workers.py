@@ -23,7 +23,8 @@ import torch
 
 from ..sae.errors import SaekitError
 from ..sae.io import atomic_write_json
-from ..sae.lock import DirLock, empty_dir
+from ..sae.lock import DirLock
+from ..sae.outdir import remove_owned
 from .cache_config import (
     CacheConfig,
     cache_settings,
@@ -131,7 +132,7 @@ def _cache_share(cfg: CacheConfig, index: int, count: int, out: Path) -> int:
         )
 
     if cfg.overwrite and out.is_dir():
-        empty_dir(out)  # all ours (check_out), but the lock
+        remove_owned(out, "cache")  # all ours (check_out), but the lock
     out.mkdir(parents=True, exist_ok=True)
     contexts = {"context": ids[mine].contiguous(), "tokens": ctx[mine].to(torch.int32)}
     nbytes, sha = write_safetensors(out / CONTEXTS, contexts)

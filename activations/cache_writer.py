@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..sae.errors import SaekitError, check_interrupt
 from ..sae.io import atomic_write_json
-from ..sae.lock import empty_dir
+from ..sae.outdir import remove_owned
 from .cache_config import (
     CacheConfig,
     cache_settings,
@@ -282,7 +282,7 @@ def prepare_cache(cfg: CacheConfig) -> CacheJob:
 
     # Everything is validated: from here on we write.
     if cfg.overwrite and out.is_dir():
-        empty_dir(out)  # all ours (check_out), but the lock
+        remove_owned(out, "cache")  # all ours (check_out), but the lock
     contexts = {"context": ids.contiguous(), "tokens": ctx.to(torch.int32)}
     writers = []
     for d, m, st, s in zip(dirs, existing, settings, sites, strict=True):

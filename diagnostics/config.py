@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..sae.errors import SaekitError, check_device, check_seed
+from ..sae.outdir import check_replace
 
 REPORT_FILES = ("report.html", "features.csv", "summary.json")  # what a report dir holds
 
@@ -98,6 +99,8 @@ def check_out(cfg: DiagnoseConfig) -> Path:
     existing = [f for f in REPORT_FILES if (out / f).exists()]
     if existing and not cfg.overwrite:
         raise SaekitError(f"{out} already holds {existing[0]}; pass --overwrite or another --out")
+    if cfg.overwrite:  # it will delete only an earlier report's files: nothing else may be there
+        check_replace(out, "report")
     return out
 
 

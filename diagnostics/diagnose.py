@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..sae.errors import SaekitError
+from ..sae.outdir import remove_owned
 from ..training.run import (
     History,
     read_metrics,
@@ -396,6 +397,9 @@ def _diagnose(cfg: DiagnoseConfig, out: Path, t0: float) -> Report:
         evaluation=read_evaluation(inp.run),
         mechanisms=inp.mechanisms,
     )
-    write_report(out, data, W_dec, dashboard_scan(cfg, inp))
+    scanned = dashboard_scan(cfg, inp)
+    if cfg.overwrite:  # everything is computed: the earlier report goes (none of it stays stale)
+        remove_owned(out, "report")
+    write_report(out, data, W_dec, scanned)
     print(f"diagnose: {class_line(summary)}; report in {out} ({time.time() - t0:.1f}s)")
     return Report(out)

@@ -238,28 +238,3 @@ class DirLock:
                 d.rmdir()  # fails, as it should, unless empty (a refused writer's dir still
             except OSError:  # holds its holder's lock file)
                 return
-
-
-def empty_dir(d: Path) -> None:
-    """Delete everything in `d` but its lock file (held by the caller). SaekitError, deleting
-    nothing, if another process is writing a dir inside it (a cache worker's dir)."""
-    for root, _, files in os.walk(d):
-        info = holder(root) if LOCK_FILE in files and Path(root) != d else None
-        if info:
-            raise SaekitError(
-                f"{root} is being written by {describe(info)}; wait for it to finish before replacing {d}"
-            )
-    for p in entries(d):
-        if p.is_dir() and not p.is_symlink():
-            _rmtree(p)
-        else:
-            p.unlink()
-
-
-def _rmtree(d: Path) -> None:
-    for p in d.iterdir():
-        if p.is_dir() and not p.is_symlink():
-            _rmtree(p)
-        else:
-            p.unlink()
-    d.rmdir()

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 from ..sae.errors import SaekitError
-from ..sae.lock import DirLock, empty_dir, entries
+from ..sae.lock import DirLock, entries
+from ..sae.outdir import check_replace, remove_owned
 
 DEFAULT_D_IN = 512  # the default model's d_mlp: the width of its mlp_post cache
 # The synthetic demo's source: 32-wide rows, 256 true features whose frequencies run from 0.1
@@ -109,21 +110,20 @@ def demo(cfg: DemoConfig) -> DemoResult:
     _check_out(cfg, out)
     with DirLock(out, "demo"):  # one writer per dir (and the cache, run and report lock theirs)
         _check_out(cfg, out)  # again, under the lock
-        empty_dir(out)  # --overwrite of a demo dir, checked above
+        remove_owned(out, "demo")  # --overwrite of a demo dir, checked above
         try:
             return _pipeline(cfg, out)
         except (SaekitError, OSError):
             # A failed demo cannot be resumed: leave --out as it was (missing or empty).
-            empty_dir(out)  # (and the lock removes a dir it made)
+            remove_owned(out, "demo")  # (and the lock removes a dir it made)
             raise
 
 
 def _check_out(cfg: DemoConfig, out: Path) -> None:
     if entries(out):
+        check_replace(out, "demo", "--overwrite" if cfg.overwrite else "--out")
         if not cfg.overwrite:
             raise SaekitError(f"{out} is not empty; pass --overwrite or another --out")
-        if not any((out / f).exists() for f in ("demo.json", "cache", "run")):
-            raise SaekitError(f"{out} does not look like a demo dir; refusing to delete it")
 
 
 def _train_config(cfg: DemoConfig, cache: Path | None, run: Path):

@@ -363,7 +363,7 @@ def test_refusals(model, tmp_path):
     out = tmp_path / "c"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(SaekitError, match="not empty"):
+    with pytest.raises(SaekitError, match="holds notes.txt, which saekit did not write"):
         build_cache(small_cfg(out))
     with pytest.raises(SaekitError, match="did not write"):
         build_cache(small_cfg(out, overwrite=True))

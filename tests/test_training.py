@@ -235,7 +235,7 @@ def test_errors_are_one_line_and_leave_no_run_dir(cache, synthetic_cache, tmp_pa
 
     out.mkdir()
     (out / "something").write_text("x")
-    with pytest.raises(SaekitError, match="not empty"):
+    with pytest.raises(SaekitError, match="holds something, which saekit did not write"):
         train(_cfg(cache, out))
 
 

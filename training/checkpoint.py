@@ -25,6 +25,7 @@ from ..sae.io import (
     sha256_file,
 )
 from ..sae.model import SAE
+from ..sae.outdir import drop_stash
 from .config import TrainConfig
 
 # Fields that must not change when resuming (the others only affect logging and I/O).
@@ -69,6 +70,7 @@ def write_checkpoint(
     atomic_write_json(
         stem.with_suffix(".json"), {**record, "sha256": sha, "source_sha256": source_sha}
     )
+    drop_stash(out)  # the new run has a checkpoint: the run --overwrite replaced goes now
     if keep:
         for old in sorted(ck.glob("step-*.json"))[:-keep]:
             old.with_suffix(".safetensors").unlink(missing_ok=True)
@@ -154,3 +156,4 @@ def drop_after(out: Path, step: int) -> None:
         atomic_write_bytes(metrics, "".join(line + "\n" for line in keep).encode())
     for tmp in [*out.glob("*.tmp-*"), *(out / "checkpoints").glob("*.tmp-*")]:
         tmp.unlink(missing_ok=True)
+    drop_stash(out)  # a kill came between the first checkpoint and this removal

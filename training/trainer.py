@@ -14,53 +14,48 @@ import sys
 from pathlib import Path
 
 from ..sae.errors import SaekitError, check_device
-from ..sae.io import SAEKIT_FILE
-from ..sae.lock import DirLock, empty_dir, entries
+from ..sae.io import SAEKIT_FILE, WEIGHTS_FILE
+from ..sae.lock import DirLock, entries
+from ..sae.outdir import check_replace, drop_stash, remove_owned, restore_stash, stash_owned
 from . import distributed
 from .checkpoint import cfg_dict, latest_checkpoint
 from .config import TrainConfig
 from .loop import Trainer
 from .memory import check_memory
 
-# What a run that stopped before its first checkpoint (or, without checkpoints, before it
-# finished) may have written: `--resume` starts such a run again from step 0.
-UNFINISHED = {"metrics.jsonl", "checkpoints", "wandb", "sparsity.safetensors",
-              "density_history.safetensors", "sae_weights.safetensors", "cfg.json",
-              "synthetic.json", "synthetic.safetensors", "mechanisms.safetensors"}  # fmt: skip
-
-
-def _interrupted_early(out: Path) -> bool:
-    """Whether `out` holds only what a run stopped before its first checkpoint leaves (nothing,
-    or metrics.jsonl and the like: not a foreign SAE dir)."""
-    names = [p.name for p in entries(out)]
-    ours = all(n in UNFINISHED or ".tmp-" in n for n in names)
-    return ours and (
-        not names or bool({"metrics.jsonl", "checkpoints", "synthetic.json"} & set(names))
-    )
-
 
 def _prepare_out(cfg: TrainConfig) -> tuple[Path, Path | None, bool]:
     """Check --out against --resume/--overwrite; returns (out, checkpoint to resume, whether
-    to empty --out first)."""
+    to clear --out first: --overwrite, or --resume of a run stopped before its first
+    checkpoint, which starts it again from step 0). Only saekit's own run files are ever
+    cleared (sae/outdir.py); anything else in --out is refused in one line naming it."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise SaekitError(f"--out {out} is a file; pass a directory")
-    if cfg.resume:
-        ckpt = latest_checkpoint(out) if out.is_dir() else None
-        if (out / "sae_weights.safetensors").is_file() and (out / SAEKIT_FILE).is_file():
-            raise SaekitError(
-                f"the run in {out} already finished; drop --resume or use a new --out"
-            )
-        if ckpt is None and out.is_dir() and _interrupted_early(out):
-            return out, None, True
-        if ckpt is None:
-            raise SaekitError(f"--resume: {out} holds no checkpoint; drop --resume to start anew")
-        return out, ckpt, False
-    if entries(out) and not cfg.overwrite:
+    if cfg.resume and not out.exists():
         raise SaekitError(
-            f"--out {out} is not empty; pass --resume to continue it, --overwrite to replace it, or another --out"
+            f"--resume: {out} holds no checkpoint (it does not exist); drop --resume to start a new run"
         )
-    return out, None, cfg.overwrite
+    if not entries(out):
+        return out, None, False
+    finished = (out / WEIGHTS_FILE).is_file() and (out / SAEKIT_FILE).is_file()
+    ckpt = latest_checkpoint(out)
+    if cfg.resume and ckpt is not None and not finished:
+        return out, ckpt, False
+    flag = "--overwrite" if cfg.overwrite else "--resume" if cfg.resume else "--out"
+    check_replace(out, "run", flag)  # another kind of dir, a foreign file, a symlink: refused
+    if cfg.overwrite:
+        return out, None, True
+    if finished:
+        how = "--resume refused: " if cfg.resume else ""
+        raise SaekitError(
+            f"{how}{out} holds a finished run; pass --overwrite to train it again, or another --out"
+        )
+    if cfg.resume:
+        return out, None, True  # stopped before its first checkpoint: nothing to continue
+    raise SaekitError(
+        f"--out {out} holds an unfinished run; pass --resume to continue it, --overwrite to replace it, or another --out"
+    )
 
 
 def open_source(cfg: TrainConfig, kind: str | None = None):
@@ -134,12 +129,14 @@ def _train(cfg, res, source, out, ckpt, world, device_name, wandb, empty, made) 
     if device_name != cfg.device:
         cfg = dataclasses.replace(cfg, device=device_name)
     distributed.barrier(world)  # every rank has checked --out before rank 0 changes it
+    stashed = False
     if world.main:
-        if empty and ckpt is None and not cfg.overwrite:
+        if empty and not cfg.overwrite:
             print(f"saekit train: {out} holds no checkpoint yet: starting it again from step 0",
                   file=sys.stderr)  # fmt: skip
-        if empty:
-            empty_dir(out)  # the lock stays
+            remove_owned(out, "run", "--resume")  # the lock stays
+        elif empty:  # the old run aside until the new one commits (bad input: it comes back)
+            stashed = stash_owned(out, "run")
         out.mkdir(parents=True, exist_ok=True)
         truth = source.ground_truth()
         if truth is not None:  # synthetic: the true features, next to the run that learns them
@@ -164,10 +161,15 @@ def _train(cfg, res, source, out, ckpt, world, device_name, wandb, empty, made) 
         last = trainer.fit()
         if world.main:
             trainer.finish(last)
+            drop_stash(out)
     except SaekitError:
-        # Bad input found while reading (e.g. a corrupt shard): leave no half-written run dir.
-        if (made or cfg.overwrite) and trainer.last_checkpoint is None and world.main:
-            empty_dir(out)  # and the lock removes a dir it made
+        # Bad input found while reading (e.g. a corrupt shard): leave no half-written run dir,
+        # and the run --overwrite was to replace as it was.
+        if trainer.last_checkpoint is None and world.main:
+            if stashed:
+                restore_stash(out)
+            elif made or cfg.overwrite:
+                remove_owned(out, "run")  # and the lock removes a dir it made
         raise
     finally:
         if trainer.wandb is not None:
