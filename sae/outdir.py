@@ -10,7 +10,8 @@ A symlink never is (saekit writes none), except inside wandb's own dir, where on
 `check_replace` refuses, in one line: a dir of another kind ("X is a cache, not a run dir"), a
 folder of saekit outputs, a foreign file or a symlink (naming it). `remove_owned` deletes after
 that check; `stash_owned` moves the old files aside instead (`train --overwrite`: a run refused
-on bad input met while training, before its first checkpoint, gets the old run back).
+on bad input met while training, before its first checkpoint, gets the old run back; so does
+a demo that fails midway).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ _LAYOUT: dict[str, tuple[str, dict[str, str]]] = {
         {"features": "features"},
     ),
     "features": (r"index\.js|f-\d+\.js", {}),
-    "demo": (r"demo\.json", {"cache": "cache", "run": "run", "report": "report"}),
+    "demo": (r"demo\.json", {"cache": "cache", "run": "run", "report": "report", STASH: "any"}),
 }
 NAMES = {"cache": "cache", "run": "run dir", "report": "report dir", "demo": "demo dir"}
 _MARKS = {  # files (or dirs) only that kind of dir holds

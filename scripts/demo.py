@@ -23,7 +23,7 @@ from typing import Literal, NamedTuple
 
 from ..sae.errors import SaekitError
 from ..sae.lock import DirLock, entries
-from ..sae.outdir import check_replace, remove_owned
+from ..sae.outdir import check_replace, drop_stash, remove_owned, restore_stash, stash_owned
 
 DEFAULT_D_IN = 512  # the default model's d_mlp: the width of its mlp_post cache
 # The synthetic demo's source: 32-wide rows, 256 true features whose frequencies run from 0.1
@@ -110,13 +110,18 @@ def demo(cfg: DemoConfig) -> DemoResult:
     _check_out(cfg, out)
     with DirLock(out, "demo"):  # one writer per dir (and the cache, run and report lock theirs)
         _check_out(cfg, out)  # again, under the lock
-        remove_owned(out, "demo")  # --overwrite of a demo dir, checked above
+        stashed = stash_owned(out, "demo")  # --overwrite: the old demo aside, checked above
         try:
-            return _pipeline(cfg, out)
+            result = _pipeline(cfg, out)
         except (SaekitError, OSError):
-            # A failed demo cannot be resumed: leave --out as it was (missing or empty).
-            remove_owned(out, "demo")  # (and the lock removes a dir it made)
+            # A failed demo cannot be resumed: leave --out as it was (the old demo, or nothing).
+            if stashed:
+                restore_stash(out)
+            else:
+                remove_owned(out, "demo")  # (and the lock removes a dir it made)
             raise
+        drop_stash(out)
+        return result
 
 
 def _check_out(cfg: DemoConfig, out: Path) -> None:

@@ -245,3 +245,24 @@ def test_sigint_chain_during_the_first_checkpoint_leaves_no_temp_file(world, tmp
     p = _launch([*argv, "--resume"], log)
     assert p.wait(timeout=300) == 0, log.read_text()
     assert not temps(run) and (run / "saekit.json").is_file()
+
+
+def test_demo_overwrite_failing_midway_keeps_the_old_demo(world, tmp_path):
+    """A demo --overwrite that meets bad input once running (its cache step refuses) puts the
+    old demo back, byte for byte."""
+    from unittest import mock
+
+    from saekit.sae.errors import SaekitError
+    from saekit.scripts.demo import DemoConfig, demo
+
+    out = tmp_path / "demo"
+    copy(world["cache"], out / "cache")
+    copy(world["run"], out / "run")
+    (out / "demo.json").write_text("{}")
+    before = tree(out)
+    with mock.patch(
+        "saekit.activations.cache_writer.choose_contexts", side_effect=SaekitError("too few")
+    ):
+        with pytest.raises(SaekitError, match="too few"):
+            demo(DemoConfig(out=str(out), model="default", tokens=10**9, overwrite=True))
+    assert tree(out) == before
