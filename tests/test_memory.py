@@ -54,12 +54,14 @@ def test_save_writes_tensors_without_a_copy(tmp_path):
 @pytest.mark.skipif(not LINUX_PEAK, reason="needs Linux' /proc/self/clear_refs")
 @pytest.mark.parametrize(
     "d_in,features,batch,arch",
-    [(128, 8192, 512, "relu_l1"), (128, 16384, 512, "topk"), (64, 8192, 512, "gated")],
+    [(128, 8192, 512, "relu_l1"), (256, 32768, 512, "topk"), (64, 8192, 512, "gated")],
 )
 def test_estimate_bounds_the_measured_peak(d_in, features, batch, arch):
     """The peak RSS of a short real run (4 steps, a checkpoint, the final save; relu_l1 and gated
     resample every feature once, so resampling's chunk counts) in a fresh process, over its RSS
-    before training, is at most the estimate, and the estimate at most 1.5x it."""
+    before training, is at most the estimate, and the estimate at most 1.5x it. The process'
+    own growth varies by up to ~150 MB from run to run (seen once at 128 x 16384 topk: 537 MB
+    against 362-388 MB in other runs), so the sizes keep the per-feature terms well above it."""
     r = measure(d_in, features, batch, arch)
     assert r["measured"] <= r["estimate"] <= 1.5 * r["measured"], r
 
