@@ -4,11 +4,12 @@
     python -m saekit.scripts.experiments.synthetic_rare --steps 20 --seeds 0 --arms off \\
         --control-arms --out /tmp/smoke                                       # seconds
 
-Trains relu_l1 SAEs on a synthetic source whose features are known (activations/synthetic.py),
-with planted blocks of true features at 1e-4, 1e-5 and 1e-6, in three arms:
-`off` (no resampling), `anthropic` (Anthropic's rule: silent over the dead window, half of each
-event's picks held out as the control group) and `below` (`--resample-below`: features below
-a density over the dead window, so the held-out half holds rare features that still fire);
+Trains SAEs (relu_l1, or another --arch) on a synthetic source whose features are known
+(activations/synthetic.py), with planted blocks of true features at 1e-4, 1e-5 and 1e-6, in
+three arms: `off` (no resampling), `anthropic` (Anthropic's rule: silent over the dead window,
+half of each event's picks held out as the control group) and `below` (`--resample-below`:
+features below a density over the dead window, so the held-out half holds rare features that
+still fire);
 each arm on several seeds (the seed sets both the source's dictionary and rows and the SAE's
 initialisation and resampling). `--control-arms` also runs the artifact-control variant (no
 true feature below 1e-3: any SAE feature below 1e-5 is an artifact by construction).
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from saekit.sae.archs import ArchName
 from saekit.sae.errors import SaekitError
 
 ARMS = ("off", "anthropic", "below")
@@ -47,13 +49,17 @@ SPEC = [
 
 @dataclass
 class SyntheticRareConfig:
-    """Train, evaluate and diagnose relu_l1 SAEs on a synthetic source with planted rare
+    """Train, evaluate and diagnose SAEs of one arch on a synthetic source with planted rare
     features, per resampling arm and seed, and tabulate them with intervals across seeds."""
 
     out: str = "saekit-synthetic-rare"
     """output dir (runs/, results.json, results.md)"""
     synthetic: list[str] = field(default_factory=lambda: list(SPEC))
     """the source: SyntheticConfig FIELD=VALUE items (the seed is set per run)"""
+    arch: ArchName = "relu_l1"
+    """SAE architecture (sae/archs.py; the arms' resampling replaces its own)"""
+    k: int = 2
+    """--k of archs that take one (topk, batchtopk, matryoshka); 2 is relu_l1's L0 here"""
     features: int = 256
     """SAE features"""
     steps: int = 2000
@@ -124,7 +130,8 @@ def _one_run(
         TrainConfig(
             out=str(where / "run"),
             synthetic=spec,
-            arch="relu_l1",
+            arch=cfg.arch,
+            k=cfg.k,
             features=cfg.features,
             steps=cfg.steps,
             batch_size=cfg.batch_size,
@@ -154,7 +161,7 @@ def _one_run(
     s = json.loads((rep / "summary.json").read_text())
     gt, traj = s["ground_truth"], s["trajectory_test"]
     res = {
-        "variant": variant, "arm": arm, "seed": seed, "train_seconds": t_train,
+        "variant": variant, "arm": arm, "seed": seed, "arch": cfg.arch, "train_seconds": t_train,
         "seconds": time.perf_counter() - t0, "tokens": cfg.steps * cfg.batch_size,
         "fvu": ev["fvu_pooled"], "l0": ev["l0"], "window_tokens": s["window"]["tokens"],
         "dead": s["counts"]["dead"], "held_out": s["held_out"],
@@ -268,7 +275,7 @@ def _cell(s: dict | None, fmt: str = "{:.3g}", none: str = "unresolved") -> str:
 
 def markdown(agg: list[dict], cfg: SyntheticRareConfig) -> str:
     """The tables: per arm, mean (min..max) over seeds."""
-    lines = [f"Per arm: mean (min..max) over seeds; {cfg.features} features, {cfg.steps} steps "
+    lines = [f"Per arm: mean (min..max) over seeds; {cfg.arch}, {cfg.features} features, {cfg.steps} steps "
              f"of {cfg.batch_size} ({cfg.steps * cfg.batch_size:,} tokens per run).", "",
              "| variant | arm | seeds | FVU | L0 | dead | held out | SAE feats < 1e-5 | real_rare | "
              "unresolved | imprecise | absorbed | artifact |", "|" + "---|" * 13]  # fmt: skip
