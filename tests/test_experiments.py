@@ -81,8 +81,9 @@ def test_calibration_runs_on_a_regime_given_as_tokens_x_windows():
             parse_regime(bad)
 
 
-def test_rare_feature_overwrite_removes_only_its_own_entries(tmp_path):
-    from saekit.scripts.experiments.rare_features import clear_out
+def test_experiment_overwrite_removes_only_its_own_entries(tmp_path):
+    from saekit.scripts.experiments import clear_out
+    from saekit.scripts.experiments.rare_features import OWN
 
     out, other = tmp_path / "exp", tmp_path / "other"
     (out / "run").mkdir(parents=True)
@@ -92,11 +93,11 @@ def test_rare_feature_overwrite_removes_only_its_own_entries(tmp_path):
     (other / "keep.txt").write_text("mine")
     (out / "report").symlink_to(other, target_is_directory=True)
     with pytest.raises(SaekitError, match="not empty"):
-        clear_out(out, overwrite=False)
-    clear_out(out, overwrite=True)
+        clear_out(out, False, OWN)
+    clear_out(out, True, OWN)
     assert list(out.iterdir()) == [] and (other / "keep.txt").read_text() == "mine"
     (out / "thesis.tex").write_text("years of work")
     (out / "run").mkdir()
     with pytest.raises(SaekitError, match="thesis.tex"):
-        clear_out(out, overwrite=True)
+        clear_out(out, True, OWN)
     assert (out / "thesis.tex").exists() and (out / "run").is_dir()

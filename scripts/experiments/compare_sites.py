@@ -30,7 +30,6 @@ import csv
 import html
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 
 from saekit.sae.errors import SaekitError
+from saekit.scripts.experiments import clear_out
 
 DEFAULT_SITES = ["mlp_post", "mlp_out", "resid_post", "mlp_out_logits"]
 TOP_TOKENS = 10
@@ -119,14 +119,7 @@ def _fresh_out(cfg: CompareSitesConfig) -> Path:
     out = Path(cfg.out)
     if len(set(cfg.sites)) != len(cfg.sites) or len(cfg.sites) < 1:
         raise SaekitError(f"--sites must list distinct sites, got {cfg.sites}")
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise SaekitError(f"{out} is not empty; pass --overwrite or another --out")
-        if not (out / "cache").is_dir():
-            raise SaekitError(
-                f"{out} does not look like a compare_sites dir; refusing to delete it"
-            )
-        shutil.rmtree(out)
+    clear_out(out, cfg.overwrite, ("cache", "runs", "reports", "compare.json", "compare.html"))
     return out
 
 

@@ -14,12 +14,12 @@ Outputs in --out: cache/, run/ (with eval.json), report/, experiment.json.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from saekit.sae.errors import SaekitError
+from saekit.scripts.experiments import clear_out
 
 
 @dataclass
@@ -70,7 +70,7 @@ def rare_feature_experiment(cfg: RareFeatureConfig) -> Path:
     out = Path(cfg.out)
     if not all(0 < f < 1 for f in cfg.resample_at):
         raise SaekitError(f"--resample-at fractions must be in (0, 1), got {cfg.resample_at}")
-    clear_out(out, cfg.overwrite)
+    clear_out(out, cfg.overwrite, OWN)
     t0 = time.perf_counter()
     cache = build_cache(
         CacheConfig(
@@ -126,27 +126,6 @@ def rare_feature_experiment(cfg: RareFeatureConfig) -> Path:
 
 
 OWN = ("cache", "run", "report", "experiment.json")  # everything the experiment writes in --out
-
-
-def clear_out(out: Path, overwrite: bool) -> None:
-    """Make --out ready: empty, or (with --overwrite) an old experiment dir whose own entries
-    are removed; anything else in it is the user's, so the dir is refused, never deleted."""
-    if not out.exists() or not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise SaekitError(f"{out} is not empty; pass --overwrite or another --out")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN)
-    if foreign:
-        raise SaekitError(
-            f"{out} holds {foreign[0]!r}, which this experiment did not write; "
-            "refusing to overwrite it: pass an empty or new --out"
-        )
-    for name in OWN:
-        p = out / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()  # a file, or a link (never its target)
 
 
 def record(

@@ -38,6 +38,7 @@ from typing import Any
 
 from saekit.sae.archs import ArchName
 from saekit.sae.errors import SaekitError
+from saekit.scripts.experiments import clear_out
 
 ARMS = ("off", "anthropic", "below")
 SPEC = [
@@ -375,10 +376,8 @@ def synthetic_rare(cfg: SyntheticRareConfig) -> Path:
     if bad or not cfg.seeds:
         raise SaekitError(f"arms must be among {list(ARMS)} (got {bad}) and --seeds non-empty")
     out = Path(cfg.out)
-    if cfg.overwrite and out.exists():
-        if not (out / "runs").is_dir():
-            raise SaekitError(f"{out} does not look like a synthetic_rare dir; refusing to delete")
-        shutil.rmtree(out)
+    if cfg.overwrite:  # without it, runs already in --out are kept and skipped
+        clear_out(out, True, ("runs", "results.json", "results.md"))
     spec = parse_synthetic(cfg.synthetic)
     planted = lambda v: [] if v == "artifact_control" else spec.planted  # noqa: E731
     plan = [("standard", a, s) for a in cfg.arms for s in cfg.seeds]
