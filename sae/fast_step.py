@@ -182,12 +182,34 @@ class FastStep:
         if sae.arch.subtract_b_dec:
             x_in = torch.sub(x, sae.b_dec, out=self._buf("x_in", tuple(x.shape)))
         shape = (x.shape[0], sae.cfg.d_sae)
-        x_m = self._mm("x_in", x_in)
-        pre = torch.addmm(self._mm("b_enc", sae.b_enc), x_m, self._mm("W_enc", sae.W_enc),
-                          out=self._buf("pre", shape, self.mm_dtype))  # fmt: skip
+        pre = self._buf("pre", shape, self.mm_dtype)
+        if self.mm_dtype == sae.W_enc.dtype:
+            x_m = x_in
+            torch.addmm(sae.b_enc, x_m, sae.W_enc, out=pre)
+        else:
+            x_m = self._encode_low(x_in, pre)
         if self.pre_tap is not None:
             self.pre_tap(pre)
         return x_in, x_m, pre
+
+    def _encode_low(self, x_in: Tensor, pre: Tensor) -> Tensor:
+        """Lower-precision matmuls: pre = [x_in, 1, 0...] @ [W_enc; b_enc; 0...], the bias folded
+        into the matmul (bitwise addmm's result; addmm's bias pass costs more in bfloat16), the
+        inner dimension padded to a multiple of 8 for the kernel; the weights are copied into
+        the matmul dtype anyway. Returns x_in in the matmul dtype (a view)."""
+        sae, md = self.sae, self.mm_dtype
+        B, d = x_in.shape
+        K = (d + 8) // 8 * 8
+        x_aug = self._buf("x_aug", (B, K), md)
+        x_aug[:, :d].copy_(x_in)
+        x_aug[:, d:].zero_()
+        x_aug[:, d].fill_(1.0)
+        W_aug = self._buf("W_aug", (K, sae.cfg.d_sae), md)
+        W_aug[:d].copy_(sae.W_enc)
+        W_aug[d].copy_(sae.b_enc)
+        W_aug[d + 1 :].zero_()
+        torch.mm(x_aug, W_aug, out=pre)
+        return x_aug[:, :d]
 
     def _relu_step(self, x: Tensor, l1_coef: float, dead_mask: Tensor | None) -> StepOutput:
         x_in, x_m, pre = self._encode(x)
@@ -366,7 +388,7 @@ class FastStep:
         W_enc, W_dec, b_dec = sae.W_enc, sae.W_dec, sae.b_dec
         zero = x.new_zeros(())
         x_c, _, pre = self._encode(x)
-        vals, idx = pre.topk(k, dim=1, sorted=False)
+        vals, idx = sp.topk_relu(pre, k)
         vals = vals.to(cd).relu_()
         fired = torch.zeros(m, dtype=torch.int64, device=x.device)
         fired.index_add_(0, idx.reshape(-1), (vals > 0).reshape(-1).long())

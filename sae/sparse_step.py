@@ -69,6 +69,33 @@ def active_where(pre: Tensor, dtype: torch.dtype) -> Active:
     return Active(torch.searchsorted(flat, starts), row, col, val)
 
 
+# Latents per block of topk_relu's pre-selection (~sqrt(d_sae / k) balances its two top-ks).
+TOPK_BLOCK = 32
+
+
+def topk_relu(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Values and indices [R, k] of a top k of each row of `pre` [R, m], as
+    `pre.topk(k, dim=1, sorted=False)` wherever a ReLU after it can tell: every entry > 0
+    among the k largest is kept; ties, and which entries <= 0 fill a row with fewer than k
+    positive ones, are arbitrary (as torch.topk's ties). On the CPU, in float32 or bfloat16:
+    a row's k latents lie in the k (strided) blocks of TOPK_BLOCK latents with the largest
+    maxima, so the top k is taken among those k * TOPK_BLOCK entries (docs/benchmarks.md). The entries are compared by their bits as signed integers:
+    in the same order as the floats where > 0, below every float >= 0 where < 0."""
+    R, m = pre.shape
+    nb = m // TOPK_BLOCK
+    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16}.get(pre.dtype)
+    if pre.device.type != "cpu" or ints is None or m % TOPK_BLOCK or nb < 4 * k:
+        return pre.topk(k, dim=1, sorted=False)
+    # Block j is latents j, j + nb, j + 2 nb, ...: its maximum is an elementwise max over the
+    # TOPK_BLOCK rows of this view (vectorised), not a reduction over a short last dim.
+    blocks = pre.view(ints).view(R, TOPK_BLOCK, nb)
+    blk = blocks.amax(1).topk(k, dim=1, sorted=False).indices  # [R, k]
+    cand = blocks.gather(2, blk.unsqueeze(1).expand(R, TOPK_BLOCK, k)).view(R, -1)
+    j = cand.topk(k, dim=1, sorted=False).indices  # j = b * k + c: entry b of block blk[c]
+    idx = blk.gather(1, j % k).add_(j.div(k, rounding_mode="floor"), alpha=nb)
+    return pre.gather(1, idx), idx
+
+
 def active_topk(idx: Tensor, vals: Tensor) -> Active:
     """The entries of a top-k selection: `idx`, `vals` [R, k] (a row's latents in any order)."""
     R, k = idx.shape
@@ -109,17 +136,20 @@ class Transposed(NamedTuple):
     per_latent: Tensor  # [m] int64: entries of each latent
 
 
-def _sort_order(keys: Tensor) -> Tensor:
-    """Stable argsort of small non-negative int keys: on the CPU numpy's (a radix sort), much
-    faster than torch.sort for the latent indices of a step."""
+def _sort_order(keys: Tensor, m: int) -> Tensor:
+    """Stable argsort of int keys in [0, m): on the CPU numpy's, much faster than torch.sort
+    for the latent indices of a step, and a radix sort when they fit 16 bits."""
     if keys.device.type == "cpu":
-        return torch.from_numpy(np.argsort(keys.numpy(), kind="stable"))
+        k = keys.numpy()
+        return torch.from_numpy(
+            np.argsort(k.astype(np.uint16) if m <= 1 << 16 else k, kind="stable")
+        )
     return torch.argsort(keys, stable=True)
 
 
 def transposed(a: Active, m: int) -> Transposed:
     per_latent = torch.bincount(a.col, minlength=m)
-    order = _sort_order(a.col).to(a.col.device)
+    order = _sort_order(a.col, m).to(a.col.device)
     crow = F.pad(torch.cumsum(per_latent, 0), (1, 0))
     return Transposed(order, crow, a.row[order], per_latent)
 
