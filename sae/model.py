@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .archs import Arch, get_arch
+from .sparse_step import topk_relu
 
 
 @dataclass
@@ -220,7 +221,9 @@ class SAE(nn.Module):
         BatchTopK over the whole batch (else its inference threshold)."""
         a = self.arch.activation
         if a == "topk":
-            vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            # torch.topk where it is defined (ties aside: the bfloat16 step's top k, which picks
+            # among equal values its own way)
+            vals, idx = topk_relu(pre, self.cfg.k)
             return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
         if a == "batchtopk" and batch:
             flat = pre.relu().flatten()

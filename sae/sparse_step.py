@@ -74,21 +74,21 @@ TOPK_BLOCK = 32
 
 
 def topk_relu(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Values and indices [R, k] of a top k of each row of `pre` [R, m], as
-    `pre.topk(k, dim=1, sorted=False)` wherever a ReLU after it can tell: every entry > 0
+    """Values and indices [R, k] of a top k of each row of `pre` [R, m] (the values
+    differentiable), as `pre.topk(k, dim=-1, sorted=False)` wherever a ReLU after it can tell: every entry > 0
     among the k largest is kept; ties, and which entries <= 0 fill a row with fewer than k
     positive ones, are arbitrary (as torch.topk's ties). On the CPU, in float32 or bfloat16:
     a row's k latents lie in the k (strided) blocks of TOPK_BLOCK latents with the largest
     maxima, so the top k is taken among those k * TOPK_BLOCK entries (docs/benchmarks.md). The entries are compared by their bits as signed integers:
     in the same order as the floats where > 0, below every float >= 0 where < 0."""
-    R, m = pre.shape
+    R, m = pre.shape[0], pre.shape[-1]
     nb = m // TOPK_BLOCK
     ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16}.get(pre.dtype)
-    if pre.device.type != "cpu" or ints is None or m % TOPK_BLOCK or nb < 4 * k:
-        return pre.topk(k, dim=1, sorted=False)
+    if pre.device.type != "cpu" or ints is None or m % TOPK_BLOCK or nb < 4 * k or pre.dim() != 2:
+        return pre.topk(k, dim=-1, sorted=False)
     # Block j is latents j, j + nb, j + 2 nb, ...: its maximum is an elementwise max over the
     # TOPK_BLOCK rows of this view (vectorised), not a reduction over a short last dim.
-    blocks = pre.view(ints).view(R, TOPK_BLOCK, nb)
+    blocks = pre.detach().view(ints).view(R, TOPK_BLOCK, nb)
     blk = blocks.amax(1).topk(k, dim=1, sorted=False).indices  # [R, k]
     cand = blocks.gather(2, blk.unsqueeze(1).expand(R, TOPK_BLOCK, k)).view(R, -1)
     j = cand.topk(k, dim=1, sorted=False).indices  # j = b * k + c: entry b of block blk[c]

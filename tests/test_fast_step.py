@@ -142,3 +142,53 @@ def test_bf16_matmuls_close_to_float32_counts_exact(arch, density, mode):
         assert fast[n].dtype == torch.float32
         assert _rel(fast[n], fp32[n]) < 0.1, (n, _rel(fast[n], fp32[n]))
         assert _rel(fast[n], auto[n]) < 0.01, (n, _rel(fast[n], auto[n]))
+
+
+def test_topk_relu_is_a_top_k_where_relu_can_tell():
+    """The block pre-selection keeps what torch.topk keeps where a ReLU after it can tell: the
+    same latents on distinct float32 values; on bfloat16 values with many ties, k distinct
+    latents holding the same values; in rows with fewer than k positive entries, every positive
+    one (the rest <= 0, zeroed by the ReLU). Also a shape the block path does not take."""
+    g = torch.Generator().manual_seed(3)
+    k = 8
+    pre = torch.randn(64, 2048, generator=g)
+    pre[:8] -= 3.5  # rows with fewer than k entries > 0
+    pre[8] = -1.0
+    pre[9, :100] = -0.0
+    assert sp.TOPK_BLOCK * 4 * k <= pre.shape[1]  # the block path runs
+    for p in (pre, (pre * 4).round().bfloat16(), pre[:, :100]):
+        v, i = sp.topk_relu(p, k)
+        want_v, want_i = p.topk(k, dim=1, sorted=False)
+        assert torch.equal(p.gather(1, i), v)
+        assert (i.sort(1).values.diff(dim=1) > 0).all()  # k distinct latents a row
+        assert torch.equal(v.relu().sort(1).values, want_v.relu().sort(1).values)
+        kept = torch.zeros_like(p, dtype=torch.bool).scatter_(1, i, v > 0)
+        assert torch.equal(kept.sum(1), (want_v > 0).sum(1))
+        assert (kept | (p <= 0) | (p <= want_v.min(1, keepdim=True).values)).all()  # ties
+        if p.dtype == torch.float32:
+            assert torch.equal(kept, torch.zeros_like(kept).scatter_(1, want_i, want_v > 0))
+    assert (pre[:8] > 0).sum(1).max() < k and (pre[:8] > 0).sum() > 0
+
+
+def test_topk_step_on_the_block_path_equals_autograd():
+    """The topk step where the block pre-selection runs (float32, d_sae >= 4 k TOPK_BLOCK),
+    with AuxK: autograd's loss, gradients and firing counts; and with bfloat16 matmuls, where
+    ties are common, within 1% of autograd under torch.autocast and the same firing counts
+    (the definition takes the same top k: sae/model.py)."""
+    sae = _sae("topk", 32, 2048, 0.05, dtype=torch.float32, k=8)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(256, 32, generator=g)
+    dead = torch.rand(2048, generator=g) < 0.1
+    out, loss, want = _autograd(sae, x, 0.0, dead)
+    got = FastStep(sae)(x, 0.0, dead)
+    assert got.aux > 0 and torch.allclose(got.loss, loss, rtol=1e-5)
+    assert torch.equal(got.fired, sae.fired(out))
+    for n, p in sae.named_parameters():
+        assert torch.allclose(p.grad, want[n], rtol=1e-4, atol=1e-6 * want[n].abs().max()), n
+    got = FastStep(sae, torch.bfloat16)(x, 0.0, dead)
+    fast = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    ref = autograd_step(sae, x, 0.0, dead, torch.bfloat16)
+    assert abs(got.loss.item() - ref.loss.item()) < 1e-3 * ref.loss.item()
+    assert torch.equal(got.fired, ref.fired)
+    for n, p in sae.named_parameters():
+        assert _rel(fast[n], p.grad) < 0.01, (n, _rel(fast[n], p.grad))
