@@ -306,7 +306,7 @@ class FastStep:
         g_act = sp.sampled_dots(a, g, W_dec_c)  # dL/df = g W_dec^T (+ the penalty's below)
         if sae.arch.penalty == "l1_dec_norm":
             norms = W_dec_c.norm(dim=1)
-            norms_act = norms[a.col]
+            norms_act = norms.index_select(0, a.col)
             sparsity = torch.dot(a.val, norms_act) / B
             g_act.add_(norms_act, alpha=l1_coef / B)
         else:

@@ -151,7 +151,7 @@ def transposed(a: Active, m: int) -> Transposed:
     per_latent = torch.bincount(a.col, minlength=m)
     order = _sort_order(a.col, m).to(a.col.device)
     crow = F.pad(torch.cumsum(per_latent, 0), (1, 0))
-    return Transposed(order, crow, a.row[order], per_latent)
+    return Transposed(order, crow, a.row.index_select(0, order), per_latent)
 
 
 def weight_grads(
@@ -169,12 +169,12 @@ def weight_grads(
     g_W_enc, g_W_dec, g_b_enc = grads
     m = g_W_dec.shape[0]
     R = len(a.crow) - 1
-    A_t = _csr(t.crow, t.row, a.val[t.order], (m, R))
+    A_t = _csr(t.crow, t.row, a.val.index_select(0, t.order), (m, R))
     if g_W_dec.dtype == g_rows.dtype:
         torch.addmm(g_W_dec, A_t, g_rows, beta=0, out=g_W_dec)
     else:
         g_W_dec.copy_(torch.addmm(g_enc_t, A_t, g_rows, beta=0, out=g_enc_t))
-    G_t = _csr(t.crow, t.row, g_pre[t.order], (m, R))
+    G_t = _csr(t.crow, t.row, g_pre.index_select(0, t.order), (m, R))
     torch.addmm(g_enc_t, G_t, x_rows, beta=0, out=g_enc_t)
     g_W_enc.copy_(g_enc_t.t())
     g_b_enc.copy_(g_pre.new_zeros(m).index_add_(0, a.col, g_pre))
