@@ -18,6 +18,7 @@
    matmuls / one bare float32 encoder matmul (x @ W_enc). Target <= 0.75.
 --crossover: FastStep alone (loss and gradients), dense against sparse, at several L0 of 16384
 features, float32 and bfloat16 matmuls: where sae/fast_step.py's SPARSE_BELOW comes from.
+--profile: the topk bfloat16 step of 3. by op (torch.profiler), against one float32 encoder matmul.
 
 Both sides of each comparison run in the same process, interleaved, and the medians of --reps
 repetitions after --warmup are compared, so load from other processes affects both.
@@ -25,6 +26,7 @@ repetitions after --warmup are compared, so load from other processes affects bo
     python -m saekit.scripts.bench.train [--reps 9] [--warmup 2] [--topk-reps 5] [--l0 60]
     python -m saekit.scripts.bench.train --only sparse     # 2. and topk's bfloat16 ratio only
     python -m saekit.scripts.bench.train --crossover
+    python -m saekit.scripts.bench.train --profile         # the topk bfloat16 step's parts
 """
 
 from __future__ import annotations
@@ -235,6 +237,35 @@ def topk_bf16(cache: Path, tmp: Path, reps: int, warmup: int) -> None:
     )
 
 
+def topk_profile(cache: Path, tmp: Path, reps: int) -> None:
+    """--profile: where the topk bfloat16 step's time goes (torch.profiler, self time per op over
+    `reps` steps after one warm-up), each as a fraction of one float32 encoder matmul timed in the
+    same run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tr = make_trainer(cache, tmp / "topk-prof", arch="topk", features=WIDE, k=32,
+                      matmul_dtype="bfloat16")  # fmt: skip
+    step, close = step_fn(tr)
+    enc = bare_matmuls(tr.sae, only_encoder=True)
+    step(), enc()
+    t_enc = statistics.median(timed(enc) for _ in range(reps))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            step()
+    close()
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops) / reps / 1e6
+    print(
+        f"topk bfloat16 step, profiled over {reps} steps: {total:.3f} s a step (profiler "
+        f"overhead included), one float32 encoder matmul {t_enc:.3f} s; self time a step:"
+    )
+    for e in ops[:16]:
+        t = e.self_cpu_time_total / reps / 1e6
+        print(
+            f"  {e.key:32s} {e.count // reps:4d} calls {t:7.3f} s  {t / t_enc:5.3f} of the matmul"
+        )
+
+
 def crossover(cache: Path, tmp: Path, reps: int, warmup: int) -> None:
     """FastStep alone, dense vs sparse, over L0: where sparse starts to pay."""
     tr = make_trainer(cache, tmp / "crossover", arch="relu_l1", features=WIDE)
@@ -258,6 +289,7 @@ def main() -> None:
     p.add_argument("--l0", type=float, default=60, help="planted L0 of the sparse relu_l1 step")
     p.add_argument("--only", choices=["all", "sparse"], default="all", help="which parts to run")
     p.add_argument("--crossover", action="store_true", help="dense vs sparse over L0 instead")
+    p.add_argument("--profile", action="store_true", help="the topk bfloat16 step's parts instead")
     a = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as d:
@@ -265,6 +297,9 @@ def main() -> None:
         cache = write_synthetic_cache(tmp / "cache")
         if a.crossover:
             crossover(cache, tmp, a.topk_reps, 1)
+            return
+        if a.profile:
+            topk_profile(cache, tmp, a.topk_reps)
             return
         sparse_relu(cache, tmp, a.l0, a.reps, a.warmup)
         topk_bf16(cache, tmp, a.topk_reps, a.warmup)
