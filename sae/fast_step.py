@@ -10,8 +10,9 @@
   ReLU-mask pass over dL/df.
 - the same, sparse (once few fire: `l0_hint` below `SPARSE_BELOW` of d_sae): the dense encoder
   matmul, then only the active entries (sae/sparse_step.py): decoder, dL/df, weight gradients.
-- topk activation: the dense encoder matmul and the top-k selection, then only the B*k kept
-  latents (and the AuxK ones), as the sparse relu step.
+- topk activation: the dense encoder matmul and the top-k selection (sparse_step.topk_relu: a
+  top k over the best blocks' latents), then only the B*k kept latents (and the AuxK ones), as
+  the sparse relu step.
 - jumprelu with the L0 penalty: the dense relu step's matmuls, plus one pass for the threshold's
   straight-through estimator (float32 matmuls only; with a lower matmul dtype, autograd).
 - any other arch (batchtopk, matryoshka, gated): `autograd_step`, the definition differentiated
