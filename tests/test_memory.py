@@ -18,16 +18,11 @@ from saekit.activations.cache import build_cache
 from saekit.activations.cache_config import CacheConfig
 from saekit.activations.cache_format import read_manifest
 from saekit.sae.io import atomic_save_safetensors, sha256_file
-from saekit.scripts.bench.memory import measure, reset_peak, rss_now
+from saekit.scripts.bench.memory import measure, peak_rss, reset_peak, rss_now
 from saekit.scripts.cli import main as cli_main
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
 LINUX_PEAK = Path("/proc/self/clear_refs").exists()
-
-
-def peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 
 
 @pytest.mark.skipif(not LINUX_PEAK, reason="needs Linux' /proc/self/clear_refs")

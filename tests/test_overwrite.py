@@ -233,7 +233,9 @@ def test_sigint_chain_during_the_first_checkpoint_leaves_no_temp_file(world, tmp
     p.send_signal(signal.SIGCONT)
     time.sleep(0.02)
     p.send_signal(signal.SIGINT)  # during the cleanup the first one started
-    assert p.wait(timeout=60) == 130, log.read_text()
+    # 130; or killed by the second SIGINT (-2) when this process, starved on a loaded machine,
+    # sends it only after saekit has cleaned up and Python has put the default handler back
+    assert p.wait(timeout=60) in (130, -signal.SIGINT), log.read_text()
     assert "interrupted (SIGINT)" in error_line(log.read_text())
     assert not temps(run), temps(run)
 

@@ -30,6 +30,14 @@ def rss_now() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def peak_rss() -> int:
+    """This process' peak RSS since the last `reset_peak` (VmHWM). Not ru_maxrss: that keeps the
+    largest RSS of the process before its exec, and a child forked by a large parent (pytest
+    after a few hundred tests) would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
 def reset_peak() -> None:
     """Start the peak RSS (VmHWM, and so ru_maxrss) afresh at the current RSS (Linux >= 4.0), so
     that loading torch and the source does not count."""
@@ -67,7 +75,7 @@ def _child(spec: dict) -> dict:
         reset_peak()
         base = rss_now()
         train(cfg, source)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     return {**spec, "measured": peak - base, "estimate": train_bytes(cfg, res), "base": base}
 
 
