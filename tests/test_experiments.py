@@ -3,7 +3,9 @@ run, and the per-arm aggregation on planted numbers."""
 
 from __future__ import annotations
 
+import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +103,60 @@ def test_experiment_overwrite_removes_only_its_own_entries(tmp_path):
     with pytest.raises(SaekitError, match="thesis.tex"):
         clear_out(out, True, OWN)
     assert (out / "thesis.tex").exists() and (out / "run").is_dir()
+
+
+def test_arch_rare_groups_seeds_by_arch_and_counts_what_the_reports_say(tmp_path):
+    from saekit.scripts.experiments.arch_rare import ArchRareConfig, arch_rare
+    from saekit.training.config import TrainConfig
+    from saekit.training.trainer import train
+
+    study = synthetic_rare(
+        SyntheticRareConfig(
+            out=str(tmp_path / "topk"),
+            arch="topk",
+            k=2,
+            features=32,
+            steps=30,
+            batch_size=512,
+            arms=["off"],
+            control_arms=[],
+            seeds=[0, 1],
+            density_window=2048,
+            pool_tokens=4096,
+            burn_in_tokens=2048,
+        )  # fmt: skip
+    )
+    runs = [
+        train(
+            TrainConfig(
+                out=str(tmp_path / f"r{s}"),
+                synthetic=["d_in=16", "n_features=64", "planted_per_block=2"],
+                features=24,
+                steps=30,
+                batch_size=256,
+                density_window=1024,
+                seed=s,
+                checkpoint_every=0,
+                resample="none",
+            )
+        )  # fmt: skip
+        for s in (3, 4)
+    ]
+    cfg = ArchRareConfig(out=str(tmp_path / "t"), synthetic=[str(study)],
+                         runs=[str(r) for r in runs], min_window_tokens=2048, rare_threshold=0.05)  # fmt: skip
+    doc = json.loads((arch_rare(cfg) / "results.json").read_text())
+    (syn,) = doc["synthetic"]
+    per_seed = json.loads((study / "results.json").read_text())["runs"]
+    assert syn["arch"] == "topk" and syn["k"] == 2 and syn["seeds"] == [0, 1]
+    l0 = [r["l0"] for r in per_seed]
+    assert syn["stats"]["L0"]["min"] == min(l0) and syn["stats"]["L0"]["max"] == max(l0)
+    (group,) = doc["run_groups"]
+    assert group["arch"] == "relu_l1" and group["seeds"] == [3, 4]
+    for n in doc["runs"]:  # the rare count is the report's features below the threshold
+        rep = tmp_path / "t" / "reports" / f"{Path(n['run']).parent.name}-{Path(n['run']).name}"
+        with open(rep / "features.csv", newline="") as f:
+            dens = [float(r["density"]) for r in csv.DictReader(f)]
+        assert n["rare"] == sum(0 < d < 0.05 for d in dens) and n["dead"] == dens.count(0.0)
+    assert "| topk | k 2 | standard | off | 2 |" in (tmp_path / "t" / "results.md").read_text()
+    with pytest.raises(SaekitError, match="results.json not found"):
+        arch_rare(ArchRareConfig(out=str(tmp_path / "u"), synthetic=[str(tmp_path)]))
