@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..sae.errors import SaekitError, check_device, check_seed
-from ..sae.outdir import check_replace
+from ..sae.lock import LOCK_FILE
+from ..sae.outdir import NAMES, check_replace, first_problem, kind_of
 
 REPORT_FILES = ("report.html", "features.csv", "summary.json")  # what a report dir holds
 
@@ -99,6 +100,13 @@ def check_out(cfg: DiagnoseConfig) -> Path:
     existing = [f for f in REPORT_FILES if (out / f).exists()]
     if existing and not cfg.overwrite:
         raise SaekitError(f"{out} already holds {existing[0]}; pass --overwrite or another --out")
+    if not cfg.overwrite and out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
+        # a report is not mixed into a run dir, a cache or someone's folder
+        if first_problem(out, "report") is None:  # an interrupted report's files
+            raise SaekitError(f"{out} holds a report's files; pass --overwrite or another --out")
+        kind = kind_of(out)
+        what = f"is a {NAMES[kind]}" if kind else "is not empty"
+        raise SaekitError(f"--out {out} {what}; pass a new or empty dir for the report")
     if cfg.overwrite:  # it will delete only an earlier report's files: nothing else may be there
         check_replace(out, "report")
     return out

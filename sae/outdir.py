@@ -84,7 +84,7 @@ def kind_of(d: Path) -> str | None:
     return None
 
 
-def _first_problem(d: Path, kind: str) -> tuple[str, Path] | None:
+def first_problem(d: Path, kind: str) -> tuple[str, Path] | None:
     """("symlink" | "foreign", path) of the first entry of `d` not `kind`'s own, or None."""
     if kind == "any":
         return None
@@ -101,7 +101,7 @@ def _first_problem(d: Path, kind: str) -> tuple[str, Path] | None:
                 sub = "cache"
             if sub is None:
                 return "foreign", p
-            found = _first_problem(p, sub)
+            found = first_problem(p, sub)
             if found:
                 return found
         elif not (p.is_file() and re.fullmatch(files, base)):
@@ -119,7 +119,7 @@ def check_replace(out: Path, kind: str, flag: str = "--overwrite") -> None:
         raise SaekitError(
             f"{flag} refused: {out} is a {NAMES[found]}, not a {want}; pass a {want} or a new --out"
         )
-    problem = _first_problem(out, kind)
+    problem = first_problem(out, kind)
     if problem is None:
         if kind == "run" and found is None and (out / "cfg.json").exists():
             raise SaekitError(

@@ -102,6 +102,29 @@ def test_overwrite_refuses_a_dir_holding_a_foreign_file(world, tmp_path, capsys,
     assert tree(out) == before
     if verb in ("train", "cache"):  # without --overwrite: the same advice, not "pass --overwrite"
         assert "thesis.tex" in refused(argv, capsys)
+    if verb == "diagnose":  # without it, a report is not mixed into someone's folder either
+        assert f"--out {out} is not empty" in refused(argv, capsys)
+        assert tree(out) == before
+
+
+def test_diagnose_writes_no_report_into_a_run_dir_or_a_cache(world, tmp_path, capsys):
+    for d in (copy(world["run"], tmp_path / "run"), copy(world["cache"], tmp_path / "cache")):
+        before = tree(d)
+        line = refused(["diagnose", "--run", str(world["run"]), "--out", str(d), "--no-logits"],
+                       capsys)  # fmt: skip
+        assert f"--out {d} is a {'run dir' if d.name == 'run' else 'cache'}" in line, line
+        assert tree(d) == before
+    rep = tmp_path / "rep"  # an interrupted report's own files: --overwrite is the way on
+    rep.mkdir()
+    (rep / "report.html.tmp-123").write_text("half")
+    line = refused(
+        ["diagnose", "--run", str(world["run"]), "--out", str(rep), "--no-logits"], capsys
+    )
+    assert "holds a report's files; pass --overwrite" in line, line
+    cli_main(
+        ["diagnose", "--run", str(world["run"]), "--out", str(rep), "--no-logits", "--overwrite"]
+    )
+    assert (rep / "report.html").is_file() and not (rep / "report.html.tmp-123").exists()
 
 
 def test_train_overwrite_of_a_cache_or_a_folder_of_outputs_is_refused(world, tmp_path, capsys):
