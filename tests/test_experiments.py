@@ -150,6 +150,7 @@ def test_arch_rare_groups_seeds_by_arch_and_counts_what_the_reports_say(tmp_path
     assert syn["arch"] == "topk" and syn["k"] == 2 and syn["seeds"] == [0, 1]
     l0 = [r["l0"] for r in per_seed]
     assert syn["stats"]["L0"]["min"] == min(l0) and syn["stats"]["L0"]["max"] == max(l0)
+    assert syn["stats"]["ultra-rare (< 1e-6)"] is None  # 4,096 pooled tokens cannot resolve it
     (group,) = doc["run_groups"]
     assert group["arch"] == "relu_l1" and group["seeds"] == [3, 4]
     for n in doc["runs"]:  # the rare count is the report's features below the threshold
@@ -157,6 +158,6 @@ def test_arch_rare_groups_seeds_by_arch_and_counts_what_the_reports_say(tmp_path
         with open(rep / "features.csv", newline="") as f:
             dens = [float(r["density"]) for r in csv.DictReader(f)]
         assert n["rare"] == sum(0 < d < 0.05 for d in dens) and n["dead"] == dens.count(0.0)
-    assert "| topk | k 2 | standard | off | 2 |" in (tmp_path / "t" / "results.md").read_text()
+    assert "| topk | k 2 | standard | off | 30 | 2 |" in (tmp_path / "t" / "results.md").read_text()
     with pytest.raises(SaekitError, match="results.json not found"):
         arch_rare(ArchRareConfig(out=str(tmp_path / "u"), synthetic=[str(tmp_path)]))

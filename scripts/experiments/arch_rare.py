@@ -58,8 +58,22 @@ SYN_COLS = {  # column title: the flattened result's key (synthetic_rare._flatte
     "recall, p in [1e-4, 1e-3)": "recall_1e-04", "rare group n": "traj_rare_n",
     "tested": "traj_rare_n_tested", "falling": "traj_rare_falling", "died": "traj_rare_died",
     "settled": "traj_rare_settled", "median trend": "trend_rare",
-    "baseline trend": "baseline_trend",
+    "baseline trend": "baseline_trend", "ultra-rare (< 1e-6)": "ultra_rare",
+    "of which real_rare": "ultra_real_rare", "of which artifact": "ultra_artifact",
 }  # fmt: skip
+
+
+def ultra_rare(report: Path) -> dict[str, int | None]:
+    """The report's ultra-rare count and those features' ground-truth classes (real_rare,
+    artifact); None unless the pool holds >= 10 expected firings at the threshold (diagnose
+    counts from 1, where ultra-rare means "fired once" and is not resolved)."""
+    s = json.loads((report / "summary.json").read_text())
+    if s["thresholds"]["ultra_rare"] * s["window"]["tokens"] < 10:
+        return dict.fromkeys(("ultra_rare", "ultra_real_rare", "ultra_artifact"))
+    with open(report / "features.csv", newline="") as f:
+        classes = [r["gt_class"] for r in csv.DictReader(f) if r["class"] == "ultra_rare"]
+    return {"ultra_rare": len(classes), "ultra_real_rare": classes.count("real_rare"),
+            "ultra_artifact": classes.count("artifact")}  # fmt: skip
 
 
 def synthetic_rows(dirs: list[str]) -> list[dict]:
@@ -73,14 +87,14 @@ def synthetic_rows(dirs: list[str]) -> list[dict]:
         conf = res["config"]
         k = conf["k"] if conf["arch"] in ("topk", "batchtopk", "matryoshka") else None
         for r in res["runs"]:
-            key = (conf["arch"], conf.get("l1_coef"), k, r["variant"], r["arm"])
-            groups.setdefault(key, []).append(r)
+            key = (conf["arch"], conf.get("l1_coef"), k, r["variant"], r["arm"], conf["steps"])
+            rep = Path(d) / "runs" / f"{r['variant']}-{r['arm']}-s{r['seed']}" / "report"
+            groups.setdefault(key, []).append(_flatten(r) | ultra_rare(rep) | {"seed": r["seed"]})
     rows = []
-    for (arch, coef, k, variant, arm), rs in groups.items():
-        flat = [_flatten(r) for r in rs]
+    for (arch, coef, k, variant, arm, steps), flat in groups.items():
         stats = {c: _stat([f.get(key) for f in flat]) for c, key in SYN_COLS.items()}
         rows.append({"arch": arch, "l1_coef": coef, "k": k, "variant": variant, "arm": arm,
-                     "seeds": sorted(r["seed"] for r in rs), "stats": stats})  # fmt: skip
+                     "steps": steps, "seeds": sorted(f["seed"] for f in flat), "stats": stats})  # fmt: skip
     return rows
 
 
@@ -123,8 +137,8 @@ def run_numbers(cfg: ArchRareConfig, run: Path) -> dict:
         "run": str(run), "arch": meta["arch"], "seed": meta["train_config"]["seed"],
         "l1_coef": meta["train_config"].get("l1_coef"), "k": meta.get("k"),
         "l0": ev.get("l0"), "fvu": ev.get("fvu_pooled"), "pool_tokens": s["window"]["tokens"],
-        "resolves": s["resolvable_threshold"], "dead": sum(x[0] == 0 for x in feats),
-        "rare": len(rare), "de_rare": med(rare, 1), "de_live": med(live, 1),
+        "resolves": 10 / s["window"]["tokens"], "dead": sum(x[0] == 0 for x in feats),
+        "rare": len(rare) if cfg.rare_threshold * s["window"]["tokens"] >= 10 else None, "de_rare": med(rare, 1), "de_live": med(live, 1),
         "bias_rare": med(rare, 2), "bias_live": med(live, 2), "rare_group": traj["n"],
         "tested": traj["n_tested"], **{o: traj["counts"][o] for o in ("falling", "died", "settled")},
     }  # fmt: skip
@@ -160,18 +174,19 @@ def markdown(cfg: ArchRareConfig, syn: list[dict], runs: list[dict], numbers: li
     lines = []
     if syn:
         lines += ["Synthetic source, mean (min..max) over seeds:", "",
-                  "| arch | flags | variant | arm | seeds | " + " | ".join(SYN_COLS) + " |",
-                  "|" + "---|" * (5 + len(SYN_COLS))]  # fmt: skip
-        for r in syn:
-            cells = [_cell(r["stats"][c], "{:.3g}", "-") for c in SYN_COLS]
+                  "| arch | flags | variant | arm | steps | seeds | " + " | ".join(SYN_COLS) + " |",
+                  "|" + "---|" * (6 + len(SYN_COLS))]  # fmt: skip
+        for r in syn:  # an ultra-rare count the pool cannot resolve is not given
+            cells = [_cell(r["stats"][c], "{:.3g}", "unresolved" if "ultra" in key else "-")
+                     for c, key in SYN_COLS.items()]  # fmt: skip
             lines.append(f"| {r['arch']} | {_flags(r)} | {r['variant']} | {r['arm']} | "
-                         f"{len(r['seeds'])} | " + " | ".join(cells) + " |")  # fmt: skip
+                         f"{r['steps']} | {len(r['seeds'])} | " + " | ".join(cells) + " |")  # fmt: skip
         lines.append("")
     if runs:
         pool = sorted({n["pool_tokens"] for n in numbers})
         res = max(n["resolves"] for n in numbers)
         lines += [f"Trained runs, mean (min..max) over seeds; pooled windows of {pool[0]:,}.."
-                  f"{pool[-1]:,} tokens (resolve densities >= {res:.2g}); rare: below "
+                  f"{pool[-1]:,} tokens (10 firings at {res:.2g}); rare: below "
                   f"{cfg.rare_threshold:g} on the pool; D/E and encoder bias are medians:", "",
                   "| arch | flags | seeds | " + " | ".join(RUN_COLS) + " |",
                   "|" + "---|" * (3 + len(RUN_COLS))]  # fmt: skip
