@@ -7,7 +7,8 @@ to 0 before decoding (nothing else changes: the same encoder, biases and the oth
 eval.json reports its MSE, CE and KL and their deltas against the full SAE's.
 
 Classes come from the density history's last windows, pooled (across resamplings, if need be)
-until they hold 1 / ultra-rare-threshold tokens so the ultra-rare class is resolved; when the
+until they hold 10 / ultra-rare-threshold tokens so the ultra-rare class is resolved (10
+expected firings: training/density.py's RESOLVE_FIRINGS); when the
 whole history is shorter, `ultra_rare` is refused rather than read off an unresolving window.
 """
 
@@ -62,7 +63,8 @@ def read_feature_list(path: Path, d_sae: int) -> Tensor:
 
 def history_classes(run_dir: Path, d_sae: int, need_ultra_rare: bool) -> tuple[Tensor, dict]:
     """Class per feature (features.CLASSES) from the density history's last windows, pooled to
-    1 / ULTRA_RARE_DENSITY tokens, and where they came from."""
+    RESOLVE_FIRINGS / ULTRA_RARE_DENSITY tokens, and where they came from."""
+    from ..training.density import RESOLVE_FIRINGS
     from ..training.run import HISTORY_FILE, load_history
 
     path = run_dir / HISTORY_FILE
@@ -72,7 +74,7 @@ def history_classes(run_dir: Path, d_sae: int, need_ultra_rare: bool) -> tuple[T
             "feature indices instead"
         )
     h = load_history(path, d_sae)
-    need = round(1 / ULTRA_RARE_DENSITY)
+    need = round(RESOLVE_FIRINGS / ULTRA_RARE_DENSITY)
     tok = h.window_tokens.flip(0).cumsum(0)
     n_pool = min(int((tok < need).sum()) + 1, len(tok))
     tokens = int(h.window_tokens[-n_pool:].sum()) if n_pool else 0

@@ -17,6 +17,7 @@ import torch
 
 from ..sae.errors import SaekitError
 from ..sae.outdir import remove_owned
+from ..training.density import RESOLVE_FIRINGS, resolves
 from ..training.run import (
     History,
     read_metrics,
@@ -167,7 +168,7 @@ def ground_truth_step(
         **{c: int((label[ultra] == c).sum()) for c in GT_CLASSES},
         "share_real": real / n_ultra if n_ultra else None,
         # below ~10 expected firings at the threshold, ultra-rare and dead are not told apart
-        "resolved": cfg.ultra_rare_threshold * dens.n_tokens >= 10,
+        "resolved": resolves(dens.n_tokens, cfg.ultra_rare_threshold),
     }
     summary["density_source"] = dens.source
     return gt, summary
@@ -175,11 +176,11 @@ def ground_truth_step(
 
 def resolution_warnings(cfg: DiagnoseConfig, n_tokens: int) -> list[str]:
     """A warning per class threshold the window is too short to resolve."""
-    resolvable = 1.0 / n_tokens
+    resolvable = RESOLVE_FIRINGS / n_tokens
     return [
         f"The {name} threshold {thr:g} is below what the window can resolve "
-        f"(1/{n_tokens} tokens = {resolvable:.3g}): a feature below it shows as zero firings, "
-        f"so the {name} count cannot be told apart from the dead count. Use more tokens "
+        f"({RESOLVE_FIRINGS} firings in {n_tokens} tokens = {resolvable:.3g}): a feature below it "
+        f"fired a few times or none, so the {name} count is not reported. Use more tokens "
         "(--min-window-tokens, or --cache with --tokens) or a higher threshold."
         for name, thr in (("ultra-rare", cfg.ultra_rare_threshold), ("dead", cfg.dead_threshold))
         if 0 < thr < resolvable
@@ -229,9 +230,9 @@ def build_summary(
     frac: dict = {k: v / d_sae for k, v in n_cls.items()}
     resolvable = {
         "dead": True,  # zero firings is always seen
-        "ultra_rare": dens.n_tokens * cfg.ultra_rare_threshold >= 1,
+        "ultra_rare": resolves(dens.n_tokens, cfg.ultra_rare_threshold),
     }
-    if not resolvable["ultra_rare"]:  # no density in (0, threshold) fits in the window
+    if not resolvable["ultra_rare"]:  # below it, mostly features that fired once: not a density
         n_cls["ultra_rare"] = frac["ultra_rare"] = None
     if dens.fresh is not None:
         l0, fvu, l0_src = dens.fresh.l0, dens.fresh.fvu, "fresh measurement on the cache rows"
@@ -261,7 +262,7 @@ def build_summary(
         "thresholds": {"dead": cfg.dead_threshold, "ultra_rare": cfg.ultra_rare_threshold},
         "density_source": dens.source,
         "window": dens.window,
-        "resolvable_threshold": 1.0 / dens.n_tokens,
+        "resolvable_threshold": RESOLVE_FIRINGS / dens.n_tokens,  # that many firings
         "history": history,
         "l0": l0,
         "fvu": fvu,
@@ -318,7 +319,7 @@ def class_line(summary: dict) -> str:
     c = summary["counts"]
     if c["ultra_rare"] is None:
         thr = summary["thresholds"]["ultra_rare"]
-        rare = f"ultra-rare not resolvable (the window resolves densities >= {summary['resolvable_threshold']:.3g}, not < {thr:g})"
+        rare = f"ultra-rare not resolvable (the window resolves densities >= {summary['resolvable_threshold']:.3g} at 10 firings, not < {thr:g})"
         dead = f"{c['dead']} with zero firings"
     else:
         rare, dead = f"{c['ultra_rare']} ultra-rare", f"{c['dead']} dead"

@@ -136,7 +136,7 @@ def _ground_truth_rows(gt: dict | None) -> list[tuple[str, object]]:
 
 def _class_cell(s: dict, k: str) -> str:
     if s["counts"][k] is None:  # a count the window cannot resolve
-        return f"not resolvable (the window resolves densities ≥ {s['resolvable_threshold']:.3g})"
+        return f"not resolvable (the window resolves densities ≥ {s['resolvable_threshold']:.3g}: 10 firings)"
     return f"{s['counts'][k]} ({_pct(s['fractions'][k])})"
 
 
@@ -203,7 +203,7 @@ def summary_table(s: dict) -> str:
         ),
         (
             "density measured on",
-            f"{s['density_source']} ({s['window']['tokens']} tokens; resolves densities ≥ {s['resolvable_threshold']:.3g})",
+            f"{s['density_source']} ({s['window']['tokens']} tokens; resolves densities ≥ {s['resolvable_threshold']:.3g}, 10 firings)",
         ),
         ("L0", num(s["l0"])),
         ("FVU", num(s["fvu"])),

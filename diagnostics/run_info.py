@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..activations.sites import site_of_hook
 from ..sae.errors import SaekitError
+from ..training.density import resolves
 from .features import DEAD, ULTRA_RARE, classify
 
 DEAD_DENSITY = 0.0
@@ -84,9 +85,9 @@ def feature_classes(run_dir: Path, fired: Tensor | None = None, n_tokens: int = 
     cls = classify(density, 1, DEAD_DENSITY, ULTRA_RARE_DENSITY)
     d_sae = len(density)
     dead, ultra = int((cls == DEAD).sum()), int((cls == ULTRA_RARE).sum())
-    # With fewer than 1e6 tokens in the window, no non-zero density is below 1e-6: the count
-    # would be a 0 that means nothing, so it is None.
-    resolvable = n is None or n * ULTRA_RARE_DENSITY >= 1
+    # With fewer than 1e7 tokens in the window, "below 1e-6" means a few firings or none: the
+    # count would not be a density's, so it is None (training/density.py's RESOLVE_FIRINGS).
+    resolvable = n is None or resolves(n, ULTRA_RARE_DENSITY)
     return {
         "d_sae": d_sae,
         "dead": dead,

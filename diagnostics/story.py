@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from ..training.density import RESOLVE_FIRINGS
 from .figures import LAYOUT, Panel, display_windows, event_shapes
 from .report import ReportData
 
@@ -80,10 +81,11 @@ def density_bands(data: ReportData) -> Panel:
         shapes=event_shapes(hist.resample_steps.numpy()),
         **LAYOUT,
     )
-    res = 1.0 / tok.max()
+    res = RESOLVE_FIRINGS / tok.max()
     note = (
         f"Each point pools {int(tok.min()):,}-{int(tok.max()):,} tokens, so it resolves densities "
-        f"down to {sci(res)}: a feature rarer than that shows as dead in that window. "
+        f"down to {sci(res)} ({RESOLVE_FIRINGS} firings): a feature rarer than that fired a few "
+        "times or none in that window. "
         "Dotted lines: resampling events."
     )
     return Panel(title, f, note)
@@ -98,7 +100,7 @@ def density_histogram(data: ReportData) -> Panel:
     from .figures import CLASS_COLOURS
 
     n_tok = data.summary["window"]["tokens"]
-    floor = math.log10(1.0 / n_tok)
+    floor = math.log10(RESOLVE_FIRINGS / n_tok)
     with np.errstate(divide="ignore"):
         logd = np.log10(data.density)
     x = np.where(np.isfinite(logd), np.maximum(logd, HIST_MIN), DEAD_X).astype(np.float32)
@@ -127,7 +129,8 @@ def density_histogram(data: ReportData) -> Panel:
     )  # fmt: skip
     note = (
         f"Density over {html.escape(data.summary['density_source'])} ({n_tok:,} tokens). Shaded: "
-        f"below 1/{n_tok:,} tokens = {sci(1 / n_tok)}, where one firing is already too many; "
+        f"below {RESOLVE_FIRINGS} firings in {n_tok:,} tokens = {sci(RESOLVE_FIRINGS / n_tok)}, where a "
+        "count says little about a density; "
         "features with zero firings are the bar at 0."
     )
     return Panel("Feature density", f, note)

@@ -175,7 +175,8 @@ def _pipeline(cfg: DemoConfig, out: Path) -> DemoResult:
             run=str(run),
             out=str(out / "report"),
             cache=None if cache is None else str(cache),
-            # the density the classes use: the last windows pooled to 1e6 tokens (resolves 1e-6)
+            # the density the classes use: the last windows pooled to 1e6 tokens (10 firings
+            # resolve 1e-5; 1e-6 would need 1e7, more than the run's 6.1M)
             min_window_tokens=10**6 if syn else 0,
             scan_tokens=cfg.scan_tokens if syn else None,  # None: the whole cache
             device=cfg.device,

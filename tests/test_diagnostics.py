@@ -114,7 +114,7 @@ def test_planted_run_features_csv_and_summary(planted, tmp_path):
     assert s["held_out"] == 8
     assert s["thresholds"] == {"dead": 0.0, "ultra_rare": 1e-6}
     assert s["window"]["tokens"] == WIN_TOKENS and s["window"]["windows_pooled"] == 1
-    assert s["resolvable_threshold"] == pytest.approx(1e-9)
+    assert s["resolvable_threshold"] == pytest.approx(1e-8)  # 10 firings in 1e9 tokens
     assert not any("cannot be told apart" in w for w in s["warnings"])
     assert (s["l0"], s["fvu"]) == (212.5, 0.45)  # metrics.jsonl's last line
     assert s["history"]["n_windows"] == len(STEPS) and s["history"]["n_resampling_events"] == 1

@@ -91,7 +91,7 @@ def test_residual_identity_and_zero_sae(model, tokens):
 
 def _history(run_dir, d_sae: int, window_tokens: int) -> None:
     """A one-window density history: 0-99 dead, 100-199 at 1 firing (ultra-rare when the window
-    holds >= 1e6 tokens), the rest live; 200-209 the control group."""
+    holds >= 1e7 tokens: 10 firings at 1e-6), the rest live; 200-209 the control group."""
     from saekit.sae.io import atomic_save_safetensors
 
     counts = torch.full((1, d_sae), 10_000)
@@ -115,7 +115,7 @@ def test_ablating_a_class_against_the_model_with_those_neurons_zeroed(tmp_path, 
     d = model.cfg.d_mlp
     eye = torch.eye(d)
     _save_run(tmp_path, model, d, eye, eye)
-    _history(tmp_path, d, 2_000_000)
+    _history(tmp_path, d, 20_000_000)
     (tmp_path / "some.txt").write_text("# a list\n300, 301\n302 300\n")
     ev = evaluate(
         EvaluateConfig(
@@ -171,7 +171,7 @@ def test_bad_ablations_are_refused_before_the_model_runs(tmp_path, model):
     _save_run(tmp_path, model, model.cfg.d_mlp, eye, eye)
     with pytest.raises(SaekitError, match="needs .*density_history"):
         evaluate(EvaluateConfig(run=str(tmp_path), ablate="dead"))
-    _history(tmp_path, model.cfg.d_mlp, 500_000)  # resolves only densities >= 2e-6
+    _history(tmp_path, model.cfg.d_mlp, 5_000_000)  # 10 firings: resolves only >= 2e-6
     (tmp_path / "bad.txt").write_text("1 2 x")
     (tmp_path / "far.txt").write_text("512")
     for spec, msg in [

@@ -14,6 +14,11 @@ from torch import Tensor
 
 from ..sae.io import atomic_save_safetensors
 
+# Expected firings at a density threshold for a window to resolve it: a count of features below
+# it is reported only then (Poisson relative error 1/sqrt(10) ~ 0.32); with fewer, "below 1e-6"
+# mostly means "fired once", which says little about the feature's density.
+RESOLVE_FIRINGS = 10
+
 # Firing-density bands logged each window (--wandb-project): [low, high) per band.
 BANDS = {"dead": (0.0, 0.0), "below_1e-6": (0.0, 1e-6), "1e-6_to_1e-4": (1e-6, 1e-4),
          "1e-4_to_1e-2": (1e-4, 1e-2), "above_1e-2": (1e-2, math.inf)}  # fmt: skip
@@ -21,6 +26,11 @@ LOG10_EDGES = torch.arange(-10.0, 0.01, 0.25)  # the histogram's bins, the same 
 # The key, in cfg.json's metadata and in the history's safetensors metadata, of the fingerprint
 # that binds a density history to its run (training/run.py checks it on read).
 FINGERPRINT = "run_fingerprint"
+
+
+def resolves(tokens: float, threshold: float) -> bool:
+    """Whether a window of `tokens` resolves densities below `threshold` (RESOLVE_FIRINGS)."""
+    return tokens * threshold >= RESOLVE_FIRINGS
 
 
 def run_fingerprint(meta: dict) -> str:

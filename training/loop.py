@@ -24,7 +24,7 @@ from ..sae.io import atomic_save_safetensors, save_sae
 from ..sae.model import SAE, SAEConfig, geometric_median
 from .checkpoint import cfg_dict, drop_after, read_checkpoint, write_checkpoint
 from .config import GEOMEDIAN_ROWS, ResolvedConfig, TrainConfig
-from .density import FINGERPRINT, DensityTracker, run_fingerprint, window_summary
+from .density import FINGERPRINT, DensityTracker, resolves, run_fingerprint, window_summary
 from .distributed import ReducedDensityTracker, World, average_grads, local_slices
 from .mechanisms import FILE as MECHANISMS_FILE
 from .mechanisms import MechanismTracker
@@ -200,8 +200,10 @@ class Trainer:
             "l0": fired.sum().item() / B,
             "fvu": (out.mse / var).item(),
             "dead": int(dead.sum()),
-            # None where the window is too short to resolve the threshold (the count would be 0)
-            "ultra_rare": int(rare.sum()) if tokens * self.cfg.ultra_rare_threshold >= 1 else None,
+            # None where the window is too short to resolve the threshold (RESOLVE_FIRINGS)
+            "ultra_rare": int(rare.sum())
+            if resolves(tokens, self.cfg.ultra_rare_threshold)
+            else None,
             "lr": self.lr_at(self.step - 1),
             "l1_coef": self.l1_at(self.step - 1),
         }
