@@ -25,6 +25,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from saekit.sae.archs import ARCHS
 from saekit.sae.errors import SaekitError
 from saekit.scripts.experiments.synthetic_rare import _cell, _flatten, _stat
 
@@ -126,8 +127,8 @@ def run_numbers(cfg: ArchRareConfig, run: Path) -> dict:
     rep = _diagnosed(cfg, run)
     s = json.loads((rep / "summary.json").read_text())
     with open(rep / "features.csv", newline="") as f:
-        feats = [(float(r["density"]), float(r["de_projection"]), float(r["encoder_bias"]))
-                 for r in csv.DictReader(f)]  # fmt: skip
+        feats = [(float(r["density"]), float(r["de_projection"]), float(r["encoder_bias"]),
+                  float(r["enc_dec_cosine"])) for r in csv.DictReader(f)]  # fmt: skip
     rare = [x for x in feats if 0 < x[0] < cfg.rare_threshold]
     live = [x for x in feats if x[0] >= cfg.rare_threshold]
     med = lambda xs, i: statistics.median(x[i] for x in xs) if xs else None  # noqa: E731
@@ -135,17 +136,19 @@ def run_numbers(cfg: ArchRareConfig, run: Path) -> dict:
     traj = s["trajectory_test"]["by_group"]["rare"]
     return {
         "run": str(run), "arch": meta["arch"], "seed": meta["train_config"]["seed"],
-        "l1_coef": meta["train_config"].get("l1_coef"), "k": meta.get("k"),
+        "l1_coef": meta["train_config"].get("l1_coef"),
+        "k": meta.get("k") if ARCHS[meta["arch"]].uses_k else None,
         "l0": ev.get("l0"), "fvu": ev.get("fvu_pooled"), "pool_tokens": s["window"]["tokens"],
         "resolves": 10 / s["window"]["tokens"], "dead": sum(x[0] == 0 for x in feats),
         "rare": len(rare) if cfg.rare_threshold * s["window"]["tokens"] >= 10 else None, "de_rare": med(rare, 1), "de_live": med(live, 1),
-        "bias_rare": med(rare, 2), "bias_live": med(live, 2), "rare_group": traj["n"],
+        "bias_rare": med(rare, 2), "bias_live": med(live, 2), "cos_rare": med(rare, 3),
+        "cos_live": med(live, 3), "rare_group": traj["n"],
         "tested": traj["n_tested"], **{o: traj["counts"][o] for o in ("falling", "died", "settled")},
     }  # fmt: skip
 
 
-RUN_COLS = ("l0", "fvu", "dead", "rare", "de_rare", "de_live", "bias_rare", "bias_live",
-            "rare_group", "tested", "falling", "died", "settled")  # fmt: skip
+RUN_COLS = ("l0", "fvu", "dead", "rare", "de_rare", "de_live", "cos_rare", "cos_live",
+            "bias_rare", "bias_live", "rare_group", "tested", "falling", "died", "settled")  # fmt: skip
 
 
 def run_rows(cfg: ArchRareConfig) -> tuple[list[dict], list[dict]]:
@@ -187,7 +190,8 @@ def markdown(cfg: ArchRareConfig, syn: list[dict], runs: list[dict], numbers: li
         res = max(n["resolves"] for n in numbers)
         lines += [f"Trained runs, mean (min..max) over seeds; pooled windows of {pool[0]:,}.."
                   f"{pool[-1]:,} tokens (10 firings at {res:.2g}); rare: below "
-                  f"{cfg.rare_threshold:g} on the pool; D/E and encoder bias are medians:", "",
+                  f"{cfg.rare_threshold:g} on the pool; D/E, encoder-decoder cosine and encoder bias are "
+                  "medians (D/E depends on the arch's input scaling; the cosine does not):", "",
                   "| arch | flags | seeds | " + " | ".join(RUN_COLS) + " |",
                   "|" + "---|" * (3 + len(RUN_COLS))]  # fmt: skip
         for r in runs:
