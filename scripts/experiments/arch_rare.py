@@ -53,7 +53,7 @@ class ArchRareConfig:
 
 
 SYN_COLS = {  # column title: the flattened result's key (synthetic_rare._flatten)
-    "L0": "l0", "FVU": "fvu", "dead (pool)": "dead", "SAE feats < 1e-5": "rare_n",
+    "L0": "l0", "FVU": "fvu", "true feats matched": "n_matched", "dead (pool)": "dead", "SAE feats < 1e-5": "rare_n",
     "real_rare": "rare_real_rare", "artifact": "rare_artifact",
     "planted 1e-4": "planted_1e-04", "planted 1e-5": "planted_1e-05", "planted 1e-6": "planted_1e-06",
     "recall, p in [1e-4, 1e-3)": "recall_1e-04", "rare group n": "traj_rare_n",
