@@ -190,11 +190,27 @@ def test_a_second_writer_is_refused_naming_the_holder_and_writes_nothing(
             ["train", "--cache", str(ref_cache), "--out", str(run), "--overwrite"],
             ["evaluate", "--run", str(run), "--tokens", "128"],
             ["diagnose", "--run", str(run), "--out", str(tmp_path / "rep"), "--no-logits"],
-            ["diagnose", "--run", str(ref_run), "--out", str(run), "--no-logits"],
         ):
             line = refused(argv, capsys)
             assert f"pid {p.pid} on " in line and "saekit train" in line and "started" in line
             assert tree(run) == before and not (tmp_path / "rep").exists()
+        # A report is never written into a run dir, held or not: refused before the lock.
+        line = refused(
+            ["diagnose", "--run", str(ref_run), "--out", str(run), "--no-logits"], capsys
+        )
+        assert f"--out {run} is a run dir" in line and tree(run) == before
+    finally:
+        p.kill()
+        p.wait()
+    rep = tmp_path / "held-rep"  # a report dir another diagnose holds: refused naming it
+    rep.mkdir()
+    p = hold_lock(rep, "diagnose")
+    try:
+        line = refused(
+            ["diagnose", "--run", str(ref_run), "--out", str(rep), "--no-logits"], capsys
+        )
+        assert f"pid {p.pid} on " in line and "saekit diagnose" in line, line
+        assert [q.name for q in rep.iterdir()] == [LOCK_FILE]
     finally:
         p.kill()
         p.wait()
