@@ -28,6 +28,7 @@ from pathlib import Path
 from saekit.sae.archs import ARCHS
 from saekit.sae.errors import SaekitError
 from saekit.scripts.experiments.synthetic_rare import _cell, _flatten, _stat
+from saekit.training.density import RESOLVE_FIRINGS, resolves
 
 
 @dataclass
@@ -66,10 +67,9 @@ SYN_COLS = {  # column title: the flattened result's key (synthetic_rare._flatte
 
 def ultra_rare(report: Path) -> dict[str, int | None]:
     """The report's ultra-rare count and those features' ground-truth classes (real_rare,
-    artifact); None unless the pool holds >= 10 expected firings at the threshold (diagnose
-    counts from 1, where ultra-rare means "fired once" and is not resolved)."""
+    artifact); None unless the pool resolves the threshold (training/density.py's resolves)."""
     s = json.loads((report / "summary.json").read_text())
-    if s["thresholds"]["ultra_rare"] * s["window"]["tokens"] < 10:
+    if not resolves(s["window"]["tokens"], s["thresholds"]["ultra_rare"]):
         return dict.fromkeys(("ultra_rare", "ultra_real_rare", "ultra_artifact"))
     with open(report / "features.csv", newline="") as f:
         classes = [r["gt_class"] for r in csv.DictReader(f) if r["class"] == "ultra_rare"]
@@ -139,8 +139,8 @@ def run_numbers(cfg: ArchRareConfig, run: Path) -> dict:
         "l1_coef": meta["train_config"].get("l1_coef"),
         "k": meta.get("k") if ARCHS[meta["arch"]].uses_k else None,
         "l0": ev.get("l0"), "fvu": ev.get("fvu_pooled"), "pool_tokens": s["window"]["tokens"],
-        "resolves": 10 / s["window"]["tokens"], "dead": sum(x[0] == 0 for x in feats),
-        "rare": len(rare) if cfg.rare_threshold * s["window"]["tokens"] >= 10 else None, "de_rare": med(rare, 1), "de_live": med(live, 1),
+        "resolves": RESOLVE_FIRINGS / s["window"]["tokens"], "dead": sum(x[0] == 0 for x in feats),
+        "rare": len(rare) if resolves(s["window"]["tokens"], cfg.rare_threshold) else None, "de_rare": med(rare, 1), "de_live": med(live, 1),
         "bias_rare": med(rare, 2), "bias_live": med(live, 2), "cos_rare": med(rare, 3),
         "cos_live": med(live, 3), "rare_group": traj["n"],
         "tested": traj["n_tested"], **{o: traj["counts"][o] for o in ("falling", "died", "settled")},
@@ -189,7 +189,7 @@ def markdown(cfg: ArchRareConfig, syn: list[dict], runs: list[dict], numbers: li
         pool = sorted({n["pool_tokens"] for n in numbers})
         res = max(n["resolves"] for n in numbers)
         lines += [f"Trained runs, mean (min..max) over seeds; pooled windows of {pool[0]:,}.."
-                  f"{pool[-1]:,} tokens (10 firings at {res:.2g}); rare: below "
+                  f"{pool[-1]:,} tokens ({RESOLVE_FIRINGS} firings at {res:.2g}); rare: below "
                   f"{cfg.rare_threshold:g} on the pool; D/E, encoder-decoder cosine and encoder bias are "
                   "medians (D/E depends on the arch's input scaling; the cosine does not):", "",
                   "| arch | flags | seeds | " + " | ".join(RUN_COLS) + " |",
